@@ -1,0 +1,473 @@
+"""The ``alliance`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from alliance import __version__
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = PROJECT_ROOT / "examples" / "mnist-sample"
+
+EPILOG_RUN = """\
+examples:
+  alliance demo                                   3 members x 3 rounds on the shipped sample
+  alliance demo --data-dir DIR                    the same on DIR/train.csv(.gz), DIR/test.csv(.gz)
+  alliance run --members 5 --rounds 10 --split dirichlet --alpha 0.3 --aggregator fedadam
+  alliance run --run nightly --resume             continue a stopped run
+
+Everything lives under --work-dir: the S3 server's data and generated credentials (s3/), the
+members' data (members/), their logs (logs/) and the parse cache (cache/). Ctrl-C stops every
+process; running again with the same --run resumes at the round it stopped in.
+"""
+
+EPILOG_MEMBER = """\
+The store is given by the environment (no defaults for credentials):
+  ALLIANCE_S3_ENDPOINT    http://host:port or https://host
+  ALLIANCE_S3_ACCESS_KEY  ALLIANCE_S3_SECRET_KEY  ALLIANCE_BUCKET
+Optional: ALLIANCE_CPU_THREADS (default: the cgroup CPU limit, else every core),
+ALLIANCE_CACHE_DIR (where parsed data is cached).
+
+The data directory holds train.csv and, for validation, test.csv (either may be gzipped); see
+docs/data-format.md. With --train-command the member's own program trains instead of the
+built-in Keras code; see docs/member-commands.md for the contract.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    from alliance.data import DataError
+    from alliance.engine import SpecError
+    from alliance.store import StoreError
+
+    try:
+        return args.func(args)
+    except (DataError, SpecError, StoreError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopped", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alliance",
+        description="Federated learning: members train one model together without sharing "
+                    "data. Run a whole alliance on this machine (demo, run), or one part of "
+                    "it (member, coordinate, init) against an S3 store.",
+    )
+    parser.add_argument("--version", action="version", version=f"alliance {__version__}")
+    parser.add_argument("--log-level", default="warning",
+                        choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    for name, helptext in (("demo", "a real federated MNIST training on the shipped sample"),
+                           ("run", "a federated training on this machine, from your CSV data")):
+        p = sub.add_parser(name, help=helptext, description=helptext + ".", epilog=EPILOG_RUN,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _run_arguments(p, demo=name == "demo")
+        p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("member", help="the member agent: train and validate when asked",
+                       description="Run a member agent: validate the local data, then train "
+                                   "and validate the alliance's model when a run asks.",
+                       epilog=EPILOG_MEMBER, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", required=True, help="the member's name, unique in the alliance")
+    p.add_argument("--data-dir", required=True, type=Path,
+                   help="directory with train.csv and test.csv (optionally .gz)")
+    p.add_argument("--schema", type=Path, help="data schema YAML (default: mnist-in-csv)")
+    p.add_argument("--train-command", help="your own train command template")
+    p.add_argument("--validate-command", help="your own validate command template")
+    p.set_defaults(func=cmd_member)
+
+    p = sub.add_parser("coordinate", help="drive one run's rounds against an S3 store",
+                       description="Coordinate a run: publish tasks, aggregate, validate, "
+                                   "until the last round. Status is kept in the store, so a "
+                                   "restarted coordinator resumes at the same round.",
+                       epilog="The store comes from ALLIANCE_S3_* and ALLIANCE_BUCKET, as for "
+                              "`alliance member`.")
+    p.add_argument("--run", required=True, help="the run's name")
+    p.add_argument("--spec", type=Path, help="run spec YAML (see examples/run.yaml)")
+    p.set_defaults(func=cmd_coordinate)
+
+    p = sub.add_parser("init", help="initialise an alliance: bucket, model, seed weights",
+                       description="Create the bucket and write the model definition and the "
+                                   "seed weights, once (an initialised alliance is left as is).")
+    p.add_argument("--model", type=Path, help="a .keras model file (default: the built-in CNN)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the initial weights")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("check-data", help="validate a member's data directory",
+                       description="Validate DIR/train.csv and DIR/test.csv as a member agent "
+                                   "would; print a summary, or the exact error (file, line, "
+                                   "column, rule) and exit 1.")
+    p.add_argument("data_dir", type=Path, metavar="DIR")
+    p.add_argument("--schema", type=Path, help="data schema YAML (default: mnist-in-csv)")
+    p.set_defaults(func=cmd_check_data)
+
+    p = sub.add_parser("split", help="split a CSV dataset into member directories",
+                       description="Split TRAIN (and TEST) into OUT/member-1..N, IID or "
+                                   "non-IID (Dirichlet), reproducibly.")
+    p.add_argument("train", type=Path)
+    p.add_argument("test", type=Path, nargs="?")
+    p.add_argument("--out", type=Path, required=True)
+    _split_arguments(p)
+    p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("predict", help="label a CSV with a stored model",
+                       description="Predict the label of every row of INPUT with a stored "
+                                   "model; write OUTPUT with a prediction and a confidence "
+                                   "column. When INPUT has labels, print the accuracy.")
+    p.add_argument("--input", type=Path, required=True)
+    p.add_argument("--output", type=Path, required=True)
+    p.add_argument("--work-dir", type=Path,
+                   help="an embedded alliance's work dir (default: the store from ALLIANCE_S3_*)")
+    p.add_argument("--run", help="use this run's final model")
+    p.add_argument("--model", help="use this model id (sha256)")
+    p.add_argument("--schema", type=Path, help="data schema YAML (default: mnist-in-csv)")
+    p.add_argument("--predict-command", help="your own predict command template")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def _split_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--members", type=int, default=3, help="number of members (default 3)")
+    p.add_argument("--split", choices=["iid", "dirichlet"], default="iid",
+                   help="how rows are shared out (default iid)")
+    p.add_argument("--alpha", type=float, default=0.5,
+                   help="Dirichlet concentration; smaller is more skewed (default 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def _run_arguments(p: argparse.ArgumentParser, demo: bool) -> None:
+    p.add_argument("--data-dir", type=Path,
+                   help="dataset to split among members: DIR/train.csv(.gz) and "
+                        "DIR/test.csv(.gz) (default: the shipped MNIST sample, "
+                        "10,000 train and 2,000 test rows)")
+    _split_arguments(p)
+    p.add_argument("--rounds", type=int, default=3, help="training rounds (default 3)")
+    p.add_argument("--epochs", type=int, default=1, help="local epochs per round (default 1)")
+    p.add_argument("--batch-size", type=int, default=32, help="(default 32)")
+    p.add_argument("--aggregator", default="fedavg",
+                   help="fedavg, fedadam, fedyogi, fedadagrad, median, trimmedmean")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="an aggregator parameter, e.g. serverLearningRate=0.01 (repeatable)")
+    p.add_argument("--members-per-round", type=int, default=0,
+                   help="members asked each round (default 0: all)")
+    p.add_argument("--min-members", type=int, default=None,
+                   help="quorum of updates to aggregate (default: a majority)")
+    p.add_argument("--round-deadline", type=float, default=600.0,
+                   help="seconds a round waits for stragglers (default 600)")
+    p.add_argument("--spec", type=Path, help="a run spec YAML; flags given override it")
+    p.add_argument("--run", help="run name (default: a timestamp); an existing run resumes")
+    p.add_argument("--resume", action="store_true", help="resume the last run in --work-dir")
+    p.add_argument("--work-dir", type=Path, default=Path("alliance-work"),
+                   help="where the store, member data and logs live (default ./alliance-work)")
+    p.add_argument("--model", type=Path, help="a .keras model file (default: the built-in CNN)")
+
+
+# --- commands ---------------------------------------------------------------------------
+
+
+def _schema(path: Path | None):
+    from alliance.data import DataSchema
+
+    return DataSchema.load(path) if path else DataSchema()
+
+
+def _dataset_files(data_dir: Path) -> tuple[Path, Path | None]:
+    from alliance.data import find_data_file
+
+    train = find_data_file(data_dir, "train")
+    try:
+        test = find_data_file(data_dir, "test")
+    except Exception:
+        test = None
+    return train, test
+
+
+def _run_spec(args) -> dict:
+    spec: dict = {}
+    if args.spec:
+        spec = yaml.safe_load(args.spec.read_text()) or {}
+    spec.update({
+        "rounds": args.rounds, "localEpochs": args.epochs, "batchSize": args.batch_size,
+        "aggregator": args.aggregator, "membersPerRound": args.members_per_round,
+        "roundDeadlineSeconds": args.round_deadline, "seed": args.seed,
+    })
+    if args.param:
+        spec["aggregatorParams"] = {k: yaml.safe_load(v) for k, _, v in
+                                    (p.partition("=") for p in args.param)}
+    asked = args.members_per_round or args.members
+    spec["minMembers"] = args.min_members or spec.get("minMembers") or asked // 2 + 1
+    return spec
+
+
+def cmd_run(args) -> int:
+    from alliance.engine import RunSpec
+    from alliance.local import LocalAlliance, coordinate, init_in_subprocess, split_dataset
+
+    spec = RunSpec.from_dict(_run_spec(args))
+    work = args.work_dir.resolve()
+    data_dir = args.data_dir or SAMPLE_DIR
+    run = _pick_run_name(work, args)
+    progress = Progress(spec, run)
+    started = time.perf_counter()
+    # SIGTERM takes the same orderly path as Ctrl-C: every child is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with LocalAlliance(work) as local:
+        member_dirs = sorted((work / "members").glob("member-*"))
+        if len(member_dirs) != args.members:
+            train, test = _dataset_files(data_dir)
+            progress.say(f"splitting {train.name} among {args.members} members ({args.split})")
+            member_dirs = split_dataset(train, test, work / "members", args.members,
+                                        args.split, args.alpha, args.seed)
+        threads = max(1, (os.cpu_count() or 1) // args.members)
+        init = init_in_subprocess(local.env(threads), work / "logs" / "init.log", args.model,
+                                  args.seed)
+        local.start_members(member_dirs, threads)
+        progress.say(f"S3 store at {local.server.endpoint}; {args.members} members starting "
+                     f"({threads} CPU thread{'s' * (threads > 1)} each); logs in {work / 'logs'}")
+        (work / "last-run").write_text(run)
+        status = coordinate(local.store, run, spec, on_change=progress.update,
+                            lost_members=lambda: local.lost() | _init_failed(init))
+        init.wait()
+    progress.done(status, time.perf_counter() - started, work)
+    return 0 if status.phase == "Completed" else 1
+
+
+def _init_failed(init) -> set[str]:
+    if init.poll() not in (None, 0):
+        raise ValueError("initialising the alliance failed; see the work dir's logs/init.log")
+    return set()
+
+
+def _pick_run_name(work: Path, args) -> str:
+    if args.run:
+        return args.run
+    last = work / "last-run"
+    if args.resume:
+        if not last.exists():
+            raise ValueError(f"--resume: no earlier run in {work}")
+        return last.read_text().strip()
+    return time.strftime("run-%Y%m%d-%H%M%S")
+
+
+class Progress:
+    """Live progress on a terminal; one line per event otherwise (logs, CI)."""
+
+    def __init__(self, spec, run: str, stream=sys.stdout):
+        self.spec = spec
+        self.run = run
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.reported: set[int] = set()
+        self.last_message = ""
+
+    def say(self, text: str) -> None:
+        self._clear()
+        print(text, file=self.stream, flush=True)
+
+    def _clear(self) -> None:
+        if self.tty and self.last_message:
+            print("\r\033[K", end="", file=self.stream)
+
+    def update(self, status) -> None:
+        for record in status.history:
+            if record.finished_at and record.round not in self.reported:
+                self.reported.add(record.round)
+                self.say(_round_line(record, self.spec.rounds))
+        if status.message and status.message != self.last_message:
+            if self.tty:
+                print(f"\r\033[K  {status.message}", end="", file=self.stream, flush=True)
+            else:
+                print(f"  {status.message}", file=self.stream, flush=True)
+            self.last_message = status.message
+
+    def done(self, status, seconds: float, work: Path) -> None:
+        self._clear()
+        print(f"\nrun {self.run}: {status.phase} — {status.message} ({seconds:.0f} s)",
+              file=self.stream)
+        print(f"\n{'round':>5} {'members':>8} {'dropped':>8} {'rejected':>9} {'seconds':>8} "
+              f"{'train loss':>11} {'accuracy':>9}  model", file=self.stream)
+        for r in status.history:
+            acc = f"{r.accuracy:.4f}" if r.accuracy is not None else "-"
+            loss = f"{r.train_loss:.4f}" if r.train_loss is not None else "-"
+            print(f"{r.round:>5} {len(r.members):>8} {len(r.dropped):>8} {len(r.rejected):>9} "
+                  f"{r.seconds:>8.1f} {loss:>11} {acc:>9}  {(r.model_id or '-')[:12]}",
+                  file=self.stream)
+        if status.model_id:
+            print(f"\nfinal model: models/{status.model_id}.npz in the store under "
+                  f"{work / 's3'}\nevery round's model, update and metric: "
+                  f"runs/{self.run}/ in the same store\nlabel a CSV with it: alliance predict "
+                  f"--work-dir {work} --run {self.run} --input X.csv --output labels.csv",
+                  file=self.stream)
+        final = status.history[-1].accuracy if status.history else None
+        if final is not None:
+            print(f"final test accuracy: {final:.4f}", file=self.stream)
+        self.stream.flush()
+
+
+def _round_line(record, rounds: int) -> str:
+    acc = f"accuracy {record.accuracy:.4f}" if record.accuracy is not None else "accuracy -"
+    extra = ""
+    if record.dropped:
+        extra += f", dropped {', '.join(record.dropped)}"
+    if record.rejected:
+        extra += f", rejected {', '.join(record.rejected)}"
+    return (f"round {record.round}/{rounds}: {len(record.members)} members done, "
+            f"{record.seconds:.1f} s, {acc}{extra}")
+
+
+def _store():
+    from alliance.store import Store, StoreConfig
+
+    return Store(StoreConfig.from_env())
+
+
+def cmd_member(args) -> int:
+    from alliance.member import Agent, AgentConfig
+
+    store = _store()
+    cache = os.environ.get("ALLIANCE_CACHE_DIR")
+    agent = Agent(store, AgentConfig(
+        name=args.name, data_dir=args.data_dir, schema=_schema(args.schema),
+        train_command=args.train_command, validate_command=args.validate_command,
+        cache_dir=Path(cache) if cache else None,
+    ))
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+    signal.signal(signal.SIGINT, lambda *_: agent.stop())
+    agent.run()
+    return 0
+
+
+def cmd_coordinate(args) -> int:
+    from alliance.engine import RunSpec
+    from alliance.local import coordinate
+
+    spec = RunSpec.from_dict(yaml.safe_load(args.spec.read_text()) if args.spec else {})
+    store = _store()
+    progress = Progress(spec, args.run)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    status = coordinate(store, args.run, spec, on_change=progress.update)
+    print(json.dumps(status.to_dict()["history"][-1:], indent=1) if status.history else "")
+    print(f"run {args.run}: {status.phase}: {status.message}")
+    return 0 if status.phase == "Completed" else 1
+
+
+def cmd_init(args) -> int:
+    from alliance.model import configure_threads, init_alliance
+    from alliance.member import cpu_threads
+
+    configure_threads(cpu_threads())
+    manifest = init_alliance(_store(), args.model, args.seed)
+    print(f"alliance initialised: seed model {manifest['seedModelId']}")
+    return 0
+
+
+def cmd_check_data(args) -> int:
+    from alliance.data import validate_data_dir
+
+    summary = validate_data_dir(args.data_dir, _schema(args.schema))
+    print(f"{args.data_dir}: OK")
+    for split, path in summary.files.items():
+        rows = summary.train_rows if split == "train" else summary.test_rows
+        print(f"  {split}: {path}: {rows} rows")
+    if not summary.test_rows:
+        print("  test: none (this member will not validate models)")
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(summary.label_counts.items()))
+    print(f"  train labels: {counts}")
+    return 0
+
+
+def cmd_split(args) -> int:
+    from alliance.local import split_dataset
+
+    dirs = split_dataset(args.train, args.test, args.out, args.members, args.split,
+                         args.alpha, args.seed)
+    for d in dirs:
+        print(d)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import contextlib
+
+    import numpy as np
+
+    from alliance.data import read_features_csv
+    from alliance.local import load_status
+    from alliance.s3server import S3Server
+    from alliance.store import Store
+
+    with contextlib.ExitStack() as stack:
+        if args.work_dir:
+            server = stack.enter_context(S3Server(args.work_dir.resolve() / "s3"))
+            store = Store(server.config)
+        else:
+            store = _store()
+        model_id = args.model
+        if model_id is None:
+            if not args.run:
+                raise ValueError("give --model ID or --run NAME")
+            status = load_status(store, args.run)
+            if status is None or not status.model_id:
+                raise ValueError(f"run {args.run!r} has no model in this store")
+            model_id = status.model_id
+        arrays = store.get_model(model_id)
+        if args.predict_command:
+            from alliance.trainers import CommandTrainer
+
+            CommandTrainer(args.input.parent, predict_command=args.predict_command
+                           ).predict_file(arrays, args.input, args.output)
+            print(f"wrote {args.output}")
+            return 0
+        from alliance import model as model_mod
+        from alliance.trainers import KerasTrainer
+
+        schema = _schema(args.schema)
+        x = read_features_csv(args.input, schema)
+        keras_model = model_mod.build(store.get_alliance()["model"], store)
+        probs = KerasTrainer(keras_model, args.input.parent, schema).predict(arrays, x)
+    labels = probs.argmax(axis=1)
+    import pandas as pd
+
+    pd.DataFrame({"prediction": labels, "confidence": probs.max(axis=1).round(6)}).to_csv(
+        args.output, index=False)
+    print(f"wrote {len(labels)} predictions to {args.output} (model {model_id[:12]})")
+    truth = _labels_if_any(args.input, schema)
+    if truth is not None:
+        print(f"accuracy against the file's labels: {float(np.mean(truth == labels)):.4f}")
+    return 0
+
+
+def _labels_if_any(path: Path, schema):
+    import pandas as pd
+
+    header = pd.read_csv(path, nrows=0, sep=schema.delimiter).columns
+    if schema.label_column not in header:
+        return None
+    return pd.read_csv(path, usecols=[schema.label_column], sep=schema.delimiter)[
+        schema.label_column].to_numpy()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""The coordinator: drives the pure engine against the store.
+
+One ``reconcile`` observes the store (members' heartbeats, the round's results), asks
+``engine.step`` what to do, carries the actions out, and repeats while there is progress to
+make. It returns the new status; where the status is persisted is the caller's business: the
+embedded runner keeps it in the store (``runs/<run>/status.json``), the Kubernetes operator in
+the TrainingRun's ``.status``. Nothing here knows about Kubernetes or about processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+
+from alliance import engine, strategies, weights
+from alliance.engine import (
+    Aggregate,
+    AggregateResult,
+    Finish,
+    MemberState,
+    Observed,
+    PublishTask,
+    RunSpec,
+    RunStatus,
+)
+from alliance.store import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+#: How many updates are fetched ahead of the one being aggregated. Bounds the aggregation's
+#: memory to (1 + PREFETCH) updates whatever the number of members.
+PREFETCH = 4
+
+
+class Coordinator:
+    def __init__(
+        self,
+        store: Store,
+        run: str,
+        spec: RunSpec,
+        lost_members: Callable[[], set[str]] | None = None,
+        heartbeat_timeout: float = 60.0,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.store = store
+        self.run = run
+        self.spec = spec
+        self.lost_members = lost_members or set
+        self.heartbeat_timeout = heartbeat_timeout
+        self.clock = clock
+        self._seed_model_id: str | None = None
+        self._heartbeats: dict[str, tuple[str, dict]] = {}  # member -> (etag, content)
+        self._results: dict[tuple[int, str, str], dict] = {}  # (round, kind, member) -> json
+
+    # --- one reconcile ----------------------------------------------------------------------
+
+    def reconcile(self, status: RunStatus) -> RunStatus:
+        """Step the engine until it has nothing more to do right now."""
+        for _ in range(16):  # a round has at most a handful of transitions in one go
+            new, actions = engine.step(self.spec, status, self.observe(status))
+            for action in actions:
+                self.execute(action)
+            if not actions:
+                return new
+            status = new
+        return status
+
+    # --- observing --------------------------------------------------------------------------
+
+    def observe(self, status: RunStatus) -> Observed:
+        now = self.clock()
+        ready, lost = self._members(now)
+        if status.round == 0 or status.phase in (engine.Phase.COMPLETED, engine.Phase.FAILED):
+            return Observed(now=now, seed_model_id=self._seed(), ready=ready, lost=lost)
+        found = self.store.list_round(self.run, status.round)
+        failures = {m: r.get("reason", "failed")
+                    for m, r in self._fetch(status.round, "failures", found["failures"]).items()}
+        validations = {}
+        if status.stage == engine.Stage.VALIDATING:
+            validations = self._fetch(status.round, "validations", found["validations"])
+        aggregate = None
+        if status.stage == engine.Stage.AGGREGATING:
+            saved = self.store.get_round_json(self.run, status.round, "aggregate.json")
+            aggregate = AggregateResult.from_dict(saved) if saved else None
+        return Observed(
+            now=now,
+            seed_model_id=self._seed(),
+            ready=ready,
+            lost=lost,
+            updates=frozenset(found["updates"]),
+            failures=failures,
+            aggregate=aggregate,
+            validations=validations,
+        )
+
+    def _seed(self) -> str | None:
+        if self._seed_model_id is None:
+            manifest = self.store.get_alliance()
+            self._seed_model_id = manifest and manifest.get("seedModelId")
+        return self._seed_model_id
+
+    def _members(self, now: float) -> tuple[dict[str, MemberState], frozenset[str]]:
+        """Ready and lost members from their heartbeats (content re-read only when it changed)."""
+        listing = self.store.list_heartbeats()
+        changed = [o for o in listing
+                   if self._heartbeats.get(_member_of(o.key), ("",))[0] != o.etag]
+        for obj, content in zip(changed, self.store.map(lambda o: self.store.get_json(o.key),
+                                                        changed), strict=True):
+            if content is not None:
+                self._heartbeats[_member_of(obj.key)] = (obj.etag, content)
+        known_lost = set(self.lost_members())
+        ready: dict[str, MemberState] = {}
+        lost = set(known_lost)
+        for obj in listing:
+            name = _member_of(obj.key)
+            content = self._heartbeats.get(name, ("", {}))[1]
+            if content.get("state") == "stopped" or now - obj.last_modified > self.heartbeat_timeout:
+                lost.add(name)
+            elif content.get("state") == "ready" and name not in known_lost:
+                ready[name] = MemberState(name, content.get("trainRows", 0),
+                                          content.get("testRows", 0))
+        return ready, frozenset(lost)
+
+    def _fetch(self, round_: int, kind: str, members: set[str]) -> dict[str, dict]:
+        """Results of a kind for a round; each member's JSON is read once."""
+        missing = [m for m in members if (round_, kind, m) not in self._results]
+        keys = [f"runs/{self.run}/rounds/{round_:05d}/{kind}/{m}.json" for m in missing]
+        for member, content in zip(missing, self.store.map(self.store.get_json, keys),
+                                   strict=True):
+            if content is not None:
+                self._results[(round_, kind, member)] = content
+        return {m: self._results[(round_, kind, m)] for m in members
+                if (round_, kind, m) in self._results}
+
+    # --- acting -----------------------------------------------------------------------------
+
+    def execute(self, action: engine.Action) -> None:
+        if isinstance(action, PublishTask):
+            self.store.put_task(self.run, {
+                "run": self.run,
+                "round": action.round,
+                "kind": str(action.kind),
+                "members": list(action.members),
+                "modelId": action.model_id,
+                "deadline": action.deadline,
+                "epochs": self.spec.local_epochs,
+                "batchSize": self.spec.batch_size,
+            })
+        elif isinstance(action, Aggregate):
+            self.aggregate(action)
+        elif isinstance(action, Finish):
+            self.store.delete_task(self.run)
+
+    def aggregate(self, action: Aggregate) -> AggregateResult:
+        """Aggregate a round's updates once; a repeat returns the stored result."""
+        saved = self.store.get_round_json(self.run, action.round, "aggregate.json")
+        if saved is not None:
+            return AggregateResult.from_dict(saved)
+        started = time.perf_counter()
+        base = self.store.get_model(action.base_model_id)
+        state = (self.store.get_model(action.optimizer_state_id)
+                 if action.optimizer_state_id else None)
+        strategy = strategies.create(self.spec.aggregator, self.spec.aggregator_params)
+        accepted: list[str] = []
+        rejected: dict[str, str] = {}
+        metas: list[dict] = []
+
+        def admitted() -> Iterator[strategies.Update]:
+            for member, fetched in _prefetch(self.store, self.run, action.round, action.members):
+                try:
+                    data, meta = fetched.result()
+                    arrays = weights.loads(data)
+                except (StoreError, weights.WeightsError) as exc:
+                    rejected[member] = str(exc)
+                    continue
+                del data
+                n = meta.get("numExamples")
+                why = weights.problem(arrays, base)
+                if why is None and (not isinstance(n, int) or n <= 0):
+                    why = f"numExamples must be a positive integer, got {n!r}"
+                if why is not None:
+                    rejected[member] = f"update rejected: {why}"
+                    log.warning("round %d: %s: update rejected: %s", action.round, member, why)
+                    continue
+                accepted.append(member)
+                metas.append(meta)
+                yield strategies.Update(member, n, lambda a=arrays: a)
+
+        try:
+            new_weights, new_state = strategy.aggregate(base, admitted(), state)
+        except strategies.StrategyError as exc:  # e.g. every update was rejected
+            log.warning("round %d: aggregation failed: %s", action.round, exc)
+            new_weights, new_state = None, None
+        if new_weights is None or len(accepted) < self.spec.min_members:
+            result = AggregateResult(None, accepted=tuple(accepted), rejected=rejected)
+        else:
+            total = sum(m["numExamples"] for m in metas)
+            losses = [(m["loss"], m["numExamples"]) for m in metas if m.get("loss") is not None]
+            result = AggregateResult(
+                model_id=self.store.put_model(new_weights),
+                optimizer_state_id=self.store.put_model(new_state) if new_state else None,
+                accepted=tuple(accepted),
+                rejected=rejected,
+                num_examples=total,
+                train_loss=(sum(v * n for v, n in losses) / sum(n for _, n in losses)
+                            if losses else None),
+                train_seconds=max((m.get("seconds", 0.0) for m in metas), default=0.0),
+            )
+        self.store.put_round_json(self.run, action.round, "aggregate.json", result.to_dict())
+        log.info("round %d: aggregated %d updates (%d rejected) in %.2f s", action.round,
+                 len(accepted), len(rejected), time.perf_counter() - started)
+        return result
+
+
+def _prefetch(store: Store, run: str, round_: int, members: tuple[str, ...]
+              ) -> Iterator[tuple[str, Future]]:
+    """Yield (member, future of (bytes, meta)), keeping at most PREFETCH fetches ahead."""
+    window: deque[tuple[str, Future]] = deque()
+    pending = iter(members)
+    for member in pending:
+        window.append((member, store.submit(store.get_update, run, round_, member)))
+        if len(window) > PREFETCH:
+            yield window.popleft()
+    while window:
+        yield window.popleft()
+
+
+def _member_of(key: str) -> str:
+    return key.rsplit("/", 1)[-1].removesuffix(".json")

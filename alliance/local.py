@@ -1,0 +1,210 @@
+"""The embedded runner: a whole alliance on one machine, no cluster.
+
+A real S3 server (``alliance.s3server``), N member agents as local processes, each with its own
+data directory, and the same coordinator and engine the Kubernetes operator drives. The run's
+status is persisted in the store after every change, so ``alliance run --resume`` (or simply
+running again with the same ``--run``) continues where a stopped run left off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gzip
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from alliance.coordinator import Coordinator
+from alliance.engine import Phase, RunSpec, RunStatus
+from alliance.s3server import S3Server
+from alliance.store import Store
+
+log = logging.getLogger(__name__)
+
+
+# --- splitting a dataset into member directories ------------------------------------------
+
+
+def _read_lines(path: Path) -> list[str]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", newline="") as f:
+        return f.read().splitlines()
+
+
+def split_labels(labels: np.ndarray, members: int, mode: str = "iid", alpha: float = 0.5,
+                 seed: int = 0) -> list[np.ndarray]:
+    """Row indices per member. IID: a seeded shuffle cut in equal parts. Dirichlet: for each
+    class, its rows are shared out in proportions drawn from Dir(alpha) (smaller alpha, more
+    skew), the usual way to simulate non-IID members."""
+    rng = np.random.default_rng(seed)
+    if mode == "iid":
+        return [np.sort(part) for part in np.array_split(rng.permutation(len(labels)), members)]
+    if mode != "dirichlet":
+        raise ValueError(f"split mode must be 'iid' or 'dirichlet', got {mode!r}")
+    parts: list[list[int]] = [[] for _ in range(members)]
+    for cls in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == cls))
+        cuts = (np.cumsum(rng.dirichlet([alpha] * members)) * len(rows)).astype(int)[:-1]
+        for i, chunk in enumerate(np.split(rows, cuts)):
+            parts[i].extend(chunk.tolist())
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def split_dataset(train: Path, test: Path | None, out_dir: Path, members: int,
+                  mode: str = "iid", alpha: float = 0.5, seed: int = 0,
+                  label_column: str = "label") -> list[Path]:
+    """Write ``member-<i>/train.csv`` (and ``test.csv``) under ``out_dir``; returns the dirs.
+
+    Rows are copied as text, byte for byte; nothing is re-encoded.
+    """
+    dirs = [out_dir / f"member-{i + 1}" for i in range(members)]
+    for split, path in (("train", train), ("test", test)):
+        if path is None:
+            continue
+        header, *rows = _read_lines(Path(path))
+        col = header.split(",").index(label_column)
+        labels = np.array([int(r.split(",", col + 1)[col]) for r in rows])
+        parts = split_labels(labels, members, mode, alpha,
+                             seed if split == "train" else seed + 1)
+        for d, idx in zip(dirs, parts, strict=True):
+            d.mkdir(parents=True, exist_ok=True)
+            with open(d / f"{split}.csv", "w", newline="") as f:
+                f.write(header + "\n")
+                f.writelines(rows[i] + "\n" for i in idx)
+    return dirs
+
+
+# --- member processes --------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """In the child: ask Linux to SIGTERM it when the runner dies, even by SIGKILL."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class MemberProcess:
+    name: str
+    data_dir: Path
+    process: subprocess.Popen
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+def start_member(name: str, data_dir: Path, env: dict[str, str], log_path: Path,
+                 extra_args: list[str] | None = None) -> MemberProcess:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    out = open(log_path, "ab")  # noqa: SIM115 (owned by the child)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "alliance", "member", "--name", name, "--data-dir", str(data_dir),
+         *(extra_args or [])],
+        env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
+    )
+    return MemberProcess(name, data_dir, proc)
+
+
+def stop_processes(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+# --- the run ------------------------------------------------------------------------------
+
+
+def load_status(store: Store, run: str) -> RunStatus | None:
+    saved = store.get_json(f"runs/{run}/status.json")
+    return None if saved is None else RunStatus.from_dict(saved)
+
+
+def coordinate(store: Store, run: str, spec: RunSpec,
+               on_change: Callable[[RunStatus], None] = lambda s: None,
+               lost_members: Callable[[], set[str]] | None = None,
+               poll_seconds: float = 0.05) -> RunStatus:
+    """Drive a run to its end, persisting its status in the store after every change."""
+    saved_spec = store.get_json(f"runs/{run}/spec.json")
+    if saved_spec is not None and saved_spec != spec.to_dict():
+        spec = RunSpec.from_dict(saved_spec)  # a resumed run keeps the spec it started with
+        log.warning("run %s exists: resuming it with its original spec", run)
+    store.put_json(f"runs/{run}/spec.json", spec.to_dict())
+    coordinator = Coordinator(store, run, spec, lost_members=lost_members)
+    status = load_status(store, run) or RunStatus()
+    last = status.to_dict()
+    on_change(status)
+    while status.phase not in (Phase.COMPLETED, Phase.FAILED):
+        status = coordinator.reconcile(status)
+        current = status.to_dict()
+        if current != last:
+            store.put_json(f"runs/{run}/status.json", current)
+            last = current
+            on_change(status)
+        else:
+            time.sleep(poll_seconds)
+    return status
+
+
+def init_in_subprocess(env: dict[str, str], log_path: Path, keras_file: Path | None,
+                       seed: int) -> subprocess.Popen:
+    """Create the seed model in a child, so the runner itself never imports TensorFlow."""
+    args = [sys.executable, "-m", "alliance", "init", "--seed", str(seed)]
+    if keras_file:
+        args += ["--model", str(keras_file)]
+    out = open(log_path, "ab")  # noqa: SIM115
+    return subprocess.Popen(args, env={**os.environ, **env}, stdout=out,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            preexec_fn=_die_with_parent)
+
+
+class LocalAlliance:
+    """The S3 server and member processes of one embedded alliance, stopped together."""
+
+    def __init__(self, work_dir: Path, bucket: str = "alliance"):
+        self.work_dir = Path(work_dir)
+        self.server = S3Server(self.work_dir / "s3", bucket=bucket)
+        self.members: list[MemberProcess] = []
+        self.store: Store | None = None
+
+    def __enter__(self) -> LocalAlliance:
+        self.server.start()
+        self.store = Store(self.server.config)
+        self.store.ensure_bucket()
+        return self
+
+    def env(self, threads: int) -> dict[str, str]:
+        return {**self.server.config.to_env(), "ALLIANCE_CPU_THREADS": str(threads),
+                "ALLIANCE_CACHE_DIR": str(self.work_dir / "cache"),
+                "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+
+    def start_members(self, dirs: list[Path], threads: int,
+                      extra_args: list[str] | None = None) -> None:
+        for d in dirs:
+            self.members.append(start_member(d.name, d, self.env(threads),
+                                             self.work_dir / "logs" / f"{d.name}.log",
+                                             extra_args))
+
+    def lost(self) -> set[str]:
+        return {m.name for m in self.members if not m.alive}
+
+    def __exit__(self, *exc) -> None:
+        stop_processes([m.process for m in self.members])
+        self.server.stop()

@@ -1,0 +1,228 @@
+"""The member agent: a long-running loop next to a member's data.
+
+    validate the local data → heartbeat → poll the run tasks → train / validate → upload
+
+It needs no rights but the store's: the same agent runs in a Kubernetes pod bound to the
+member's PVC, as a local process of the embedded runner, or at another site. TensorFlow stays
+imported, the model compiled and the data parsed between rounds; only the weights change.
+
+The heartbeat (``members/<name>.json``) holds the member's state and data summary, or the exact
+data validation error. Its content changes only when the state does, so the coordinator, which
+reads liveness from the object's modification time, re-reads it only then.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alliance import data as data_mod
+from alliance import weights
+from alliance.data import DataError, DataSchema
+from alliance.store import Store, StoreError
+from alliance.trainers import CommandTrainer, KerasTrainer, TaskError, Trainer
+
+log = logging.getLogger(__name__)
+
+
+def cpu_threads() -> int:
+    """This member's CPU share: ALLIANCE_CPU_THREADS, else the cgroup CPU limit, else all."""
+    if os.environ.get("ALLIANCE_CPU_THREADS"):
+        return max(1, int(os.environ["ALLIANCE_CPU_THREADS"]))
+    try:  # cgroup v2: "max 100000" or "<quota> <period>"; a pod's CPU limit lands here
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            return max(1, int(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+@dataclass
+class AgentConfig:
+    name: str
+    data_dir: Path
+    schema: DataSchema = field(default_factory=DataSchema)
+    train_command: str | None = None
+    validate_command: str | None = None
+    poll_seconds: float = 0.1  # while a run is active; backs off to idle_poll_seconds
+    idle_poll_seconds: float = 2.0
+    heartbeat_seconds: float = 5.0
+    cache_dir: Path | None = None
+
+
+class Agent:
+    def __init__(self, store: Store, config: AgentConfig):
+        self.store = store
+        self.config = config
+        self.name = config.name
+        self._stop = threading.Event()
+        self._state: dict = {"state": "starting"}
+        self._state_lock = threading.Lock()
+        self._trainer: Trainer | None = None
+        self._done: set[tuple[str, int, str]] = set()
+        self._tasks: dict[str, tuple[str, dict]] = {}  # key -> (etag, task)
+        self._model_cache: tuple[str, list] | None = None  # the last global model fetched
+        self.tasks_done = 0
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        beat.start()
+        try:
+            self._publish_state({"state": "starting"})
+            while not self._stop.is_set():
+                if self._check_data():
+                    break
+                self._stop.wait(5.0)  # data invalid: wait for the member to fix it
+            idle = 0
+            while not self._stop.is_set():
+                did = self.poll_once()
+                idle = 0 if did else idle + 1
+                # Fast polling right after work (the next stage follows within a second),
+                # slower when nothing has happened for a while.
+                wait = self.config.poll_seconds if idle < 50 else self.config.idle_poll_seconds
+                self._stop.wait(wait)
+        finally:
+            self._publish_state({**self._state, "state": "stopped"})
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.config.heartbeat_seconds):
+            try:
+                with self._state_lock:
+                    self.store.put_heartbeat(self.name, self._state)
+            except StoreError as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    def _publish_state(self, state: dict) -> None:
+        with self._state_lock:
+            self._state = state
+            self.store.put_heartbeat(self.name, state)
+
+    # --- data -------------------------------------------------------------------------------
+
+    def _check_data(self) -> bool:
+        """Validate the local data before taking any work; publish the summary or the error."""
+        try:
+            summary = data_mod.validate_data_dir(self.config.data_dir, self.config.schema,
+                                                 cache_dir=self.config.cache_dir)
+        except DataError as exc:
+            log.error("data invalid: %s", exc)
+            self._publish_state({"state": "invalid", "error": exc.to_dict(),
+                                 "message": str(exc)})
+            return False
+        self._publish_state({"state": "ready", "trainRows": summary.train_rows,
+                             "testRows": summary.test_rows,
+                             "schema": self.config.schema.to_dict()})
+        log.info("data ready: %d train rows, %d test rows", summary.train_rows,
+                 summary.test_rows)
+        return True
+
+    def trainer(self) -> Trainer:
+        if self._trainer is None:
+            if self.config.train_command:
+                self._trainer = CommandTrainer(self.config.data_dir, self.config.train_command,
+                                               self.config.validate_command)
+            else:
+                from alliance import model as model_mod
+
+                model_mod.configure_threads(cpu_threads())
+                manifest = self._alliance()
+                self._trainer = KerasTrainer(model_mod.build(manifest["model"], self.store),
+                                             self.config.data_dir, self.config.schema,
+                                             self.config.cache_dir)
+        return self._trainer
+
+    def _alliance(self) -> dict:
+        while not self._stop.is_set():
+            manifest = self.store.get_alliance()
+            if manifest is not None:
+                return manifest
+            self._stop.wait(0.5)
+        raise TaskError("stopped before the alliance was initialised")
+
+    # --- tasks ------------------------------------------------------------------------------
+
+    def poll_once(self) -> bool:
+        """Look at the runs' tasks once; do every task addressed to this member."""
+        did = False
+        for task in self._pending_tasks():
+            if self._stop.is_set():
+                break
+            self.handle(task)
+            did = True
+        return did
+
+    def _pending_tasks(self) -> list[dict]:
+        listing = self.store.list_tasks()
+        live = {o.key for o in listing}
+        for key in list(self._tasks):
+            if key not in live:
+                del self._tasks[key]
+        for obj in listing:
+            if self._tasks.get(obj.key, ("",))[0] != obj.etag:
+                task = self.store.get_json(obj.key)
+                if task is not None:
+                    self._tasks[obj.key] = (obj.etag, task)
+        now = time.time()
+        pending = []
+        for _, task in self._tasks.values():
+            ident = (task["run"], task["round"], task["kind"])
+            if self.name in task["members"] and ident not in self._done:
+                if task["deadline"] < now:
+                    self._done.add(ident)  # too late to count; do not waste the CPU
+                elif self._already_done(task):
+                    self._done.add(ident)
+                else:
+                    pending.append(task)
+        return sorted(pending, key=lambda t: (t["run"], t["round"], t["kind"] != "validate"))
+
+    def _already_done(self, task: dict) -> bool:
+        """After a restart, a task whose result is already stored is not done twice."""
+        if task["kind"] == "train":
+            return self.store.update_exists(task["run"], task["round"], self.name)
+        key = f"runs/{task['run']}/rounds/{task['round']:05d}/validations/{self.name}.json"
+        return self.store.exists(key)
+
+    def _model(self, model_id: str) -> list:
+        if self._model_cache is None or self._model_cache[0] != model_id:
+            self._model_cache = (model_id, self.store.get_model(model_id))
+        return self._model_cache[1]
+
+    def handle(self, task: dict) -> None:
+        run, round_, kind = task["run"], task["round"], task["kind"]
+        started = time.perf_counter()
+        try:
+            arrays = self._model(task["modelId"])
+            if kind == "train":
+                new, metrics = self.trainer().train(arrays, task["epochs"], task["batchSize"])
+                data = weights.dumps(new)
+                metrics["taskSeconds"] = time.perf_counter() - started
+                self.store.put_update(run, round_, self.name, data, metrics)
+            else:
+                metrics = self.trainer().validate(arrays)
+                metrics["taskSeconds"] = time.perf_counter() - started
+                self.store.put_result(run, round_, "validations", self.name, metrics)
+            log.info("%s round %d %s: %s", run, round_, kind,
+                     {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
+        except (TaskError, DataError, StoreError, weights.WeightsError) as exc:
+            log.error("%s round %d %s failed: %s", run, round_, kind, exc)
+            self._report_failure(task, str(exc))
+        self._done.add((run, round_, kind))
+        self.tasks_done += 1
+
+    def _report_failure(self, task: dict, reason: str) -> None:
+        kind = "failures" if task["kind"] == "train" else "validations"
+        payload = {"reason": reason} if kind == "failures" else {"error": reason}
+        try:
+            self.store.put_result(task["run"], task["round"], kind, self.name, payload)
+        except StoreError as exc:
+            log.error("could not report the failure: %s", exc)

@@ -1,0 +1,377 @@
+"""The object store: the only channel between the coordinator and the members.
+
+This is the only module that talks S3 (through the ``minio`` client). Every object the
+platform writes has one key, given by the functions below; ``docs/architecture.md`` documents
+the layout::
+
+    alliance.json                                  the alliance: model definition, seed model id
+    model-files/<sha256>.keras                     a user-supplied Keras model file (immutable)
+    models/<sha256>.npz                            every global model and server-optimizer state
+                                                   (immutable, content-addressed, checked on read)
+    members/<member>.json                          a member's heartbeat: state, data summary or error
+    tasks/<run>.json                               the run's current task: round, kind of work
+                                                   (train or validate), model id, the members asked
+    runs/<run>/spec.json                           the run's spec (embedded runner)
+    runs/<run>/status.json                         the coordinator's persisted status (embedded runner)
+    runs/<run>/rounds/<round>/updates/<member>.npz   a member's weights after local training, its
+                                                   metrics in the object's metadata
+    runs/<run>/rounds/<round>/failures/<member>.json a member's report that it could not do the task
+    runs/<run>/rounds/<round>/validations/<member>.json  a validator's score of the round's model
+    runs/<run>/rounds/<round>/aggregate.json       the round's aggregation result (written once)
+
+Rounds are zero-padded (``00003``) so keys sort in round order. Every call retries transport
+errors and 5xx answers with exponential backoff for up to ``retry_seconds``, so a store that is
+down for a while delays the platform instead of failing it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+import numpy as np
+import urllib3
+from minio import Minio
+from minio.error import InvalidResponseError, S3Error, ServerError
+
+from alliance import weights
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+ENV_ENDPOINT = "ALLIANCE_S3_ENDPOINT"
+ENV_ACCESS_KEY = "ALLIANCE_S3_ACCESS_KEY"
+ENV_SECRET_KEY = "ALLIANCE_S3_SECRET_KEY"
+ENV_BUCKET = "ALLIANCE_BUCKET"
+
+_NOT_FOUND = {"NoSuchKey", "NoSuchObject", "NoSuchBucket", "ResourceNotFound"}
+
+
+class StoreError(RuntimeError):
+    """The store refused a request, or stayed unreachable past the retry budget."""
+
+
+class IntegrityError(StoreError):
+    """An object's content does not match its content address."""
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    endpoint: str  # "http://host:port" or "https://host"
+    access_key: str
+    secret_key: str
+    bucket: str
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> StoreConfig:
+        env = os.environ if env is None else env
+        missing = [
+            k for k in (ENV_ENDPOINT, ENV_ACCESS_KEY, ENV_SECRET_KEY, ENV_BUCKET) if not env.get(k)
+        ]
+        if missing:
+            raise StoreError(
+                "the object store is not configured: set " + ", ".join(missing)
+                + " (there are no default credentials)"
+            )
+        return cls(env[ENV_ENDPOINT], env[ENV_ACCESS_KEY], env[ENV_SECRET_KEY], env[ENV_BUCKET])
+
+    def to_env(self) -> dict[str, str]:
+        return {
+            ENV_ENDPOINT: self.endpoint,
+            ENV_ACCESS_KEY: self.access_key,
+            ENV_SECRET_KEY: self.secret_key,
+            ENV_BUCKET: self.bucket,
+        }
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    last_modified: float  # epoch seconds
+    etag: str
+
+
+def round_prefix(run: str, round_: int) -> str:
+    return f"runs/{run}/rounds/{round_:05d}/"
+
+
+def model_key(model_id: str) -> str:
+    return f"models/{model_id}.npz"
+
+
+class Store:
+    def __init__(self, config: StoreConfig, retry_seconds: float = 120.0, workers: int = 16):
+        url = urlparse(config.endpoint if "://" in config.endpoint else "http://" + config.endpoint)
+        if not url.netloc:
+            raise StoreError(f"{ENV_ENDPOINT}={config.endpoint!r} is not a host:port or URL")
+        # Our own retry loop handles outages; the client's pool only retries nothing, so a
+        # request never hangs for minutes inside urllib3.
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=5, read=60),
+            maxsize=workers,
+            retries=False,
+        )
+        self.config = config
+        self.bucket = config.bucket
+        self.retry_seconds = retry_seconds
+        self._client = Minio(
+            url.netloc,
+            access_key=config.access_key,
+            secret_key=config.secret_key,
+            secure=url.scheme == "https",
+            http_client=http,
+        )
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store")
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """Run one request, retrying transient failures with capped exponential backoff."""
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.2
+        while True:
+            try:
+                return fn()
+            except S3Error as exc:
+                if exc.code in _NOT_FOUND or not _transient_s3(exc):
+                    raise
+                error: Exception = exc
+            except (urllib3.exceptions.HTTPError, OSError, ServerError, InvalidResponseError) as exc:
+                error = exc
+            if time.monotonic() + delay > deadline:
+                raise StoreError(
+                    f"{what}: the store at {self.config.endpoint} did not answer for "
+                    f"{self.retry_seconds:.0f} s ({error})"
+                ) from error
+            log.warning("%s: %s; retrying in %.1f s", what, error, delay)
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 5.0)
+
+    def map(self, fn: Callable[[Any], T], items: Iterable[Any]) -> list[T]:
+        """Run ``fn`` over items concurrently (store calls are I/O bound)."""
+        return list(self._pool.map(fn, items))
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future:
+        return self._pool.submit(fn, *args)
+
+    def ensure_bucket(self) -> None:
+        if not self._call("check bucket", lambda: self._client.bucket_exists(self.bucket)):
+            try:
+                self._call("create bucket", lambda: self._client.make_bucket(self.bucket))
+            except S3Error as exc:
+                if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream"):
+        self._call(
+            f"put {key}",
+            lambda: self._client.put_object(
+                self.bucket, key, io.BytesIO(data), len(data), content_type=content_type
+            ),
+        )
+
+    def get_bytes(self, key: str) -> bytes | None:
+        """The object's bytes, or None when it does not exist."""
+
+        def get() -> bytes:
+            resp = self._client.get_object(self.bucket, key)
+            try:
+                return resp.read()
+            finally:
+                resp.close()
+                resp.release_conn()
+
+        try:
+            return self._call(f"get {key}", get)
+        except S3Error as exc:
+            if exc.code in _NOT_FOUND:
+                return None
+            raise StoreError(f"get {key}: {exc.code}: {exc.message}") from exc
+
+    def put_json(self, key: str, obj: Any) -> None:
+        self.put_bytes(key, json.dumps(obj, sort_keys=True).encode(), "application/json")
+
+    def get_json(self, key: str) -> Any | None:
+        data = self.get_bytes(key)
+        return None if data is None else json.loads(data)
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call(f"stat {key}", lambda: self._client.stat_object(self.bucket, key))
+            return True
+        except S3Error as exc:
+            if exc.code in _NOT_FOUND:
+                return False
+            raise
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        def listing() -> list[ObjectInfo]:
+            return [
+                ObjectInfo(
+                    o.object_name,
+                    o.size or 0,
+                    _epoch(o.last_modified),
+                    (o.etag or "").strip('"'),
+                )
+                for o in self._client.list_objects(self.bucket, prefix=prefix, recursive=True)
+                # Some gateways keep empty "folder" keys after deletes.
+                if not o.object_name.endswith("/")
+            ]
+
+        return self._call(f"list {prefix}", listing)
+
+    def delete(self, keys: Sequence[str]) -> None:
+        def remove(key: str) -> None:
+            self._call(f"delete {key}", lambda: self._client.remove_object(self.bucket, key))
+
+        self.map(remove, keys)
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = [o.key for o in self.list(prefix)]
+        self.delete(keys)
+        return len(keys)
+
+    # --- models: immutable and content-addressed -------------------------------------------
+
+    def put_model(self, arrays: Sequence[np.ndarray]) -> str:
+        data = weights.dumps(arrays)
+        model_id = weights.content_id(data)
+        self.put_bytes(model_key(model_id), data)
+        return model_id
+
+    def get_model(self, model_id: str) -> list[np.ndarray]:
+        return weights.loads(self.get_model_bytes(model_id))
+
+    def get_model_bytes(self, model_id: str) -> bytes:
+        data = self.get_bytes(model_key(model_id))
+        if data is None:
+            raise StoreError(f"model {model_id} is not in the store ({model_key(model_id)})")
+        if weights.content_id(data) != model_id:
+            raise IntegrityError(
+                f"model {model_id}: stored bytes hash to {weights.content_id(data)}; "
+                "the object was modified or corrupted"
+            )
+        return data
+
+    def put_file(self, prefix: str, data: bytes, suffix: str) -> str:
+        """Store immutable bytes under ``prefix/<sha256><suffix>``; returns the sha256."""
+        sha = weights.content_id(data)
+        self.put_bytes(f"{prefix}/{sha}{suffix}", data)
+        return sha
+
+    def get_file(self, prefix: str, sha: str, suffix: str) -> bytes:
+        key = f"{prefix}/{sha}{suffix}"
+        data = self.get_bytes(key)
+        if data is None:
+            raise StoreError(f"{key} is not in the store")
+        if weights.content_id(data) != sha:
+            raise IntegrityError(f"{key}: content does not match its address")
+        return data
+
+    # --- the alliance -----------------------------------------------------------------------
+
+    def get_alliance(self) -> dict | None:
+        return self.get_json("alliance.json")
+
+    def put_alliance(self, manifest: dict) -> None:
+        self.put_json("alliance.json", manifest)
+
+    # --- members ----------------------------------------------------------------------------
+
+    def put_heartbeat(self, member: str, info: dict) -> None:
+        self.put_json(f"members/{member}.json", info)
+
+    def list_heartbeats(self) -> list[ObjectInfo]:
+        return self.list("members/")
+
+    # --- tasks: one object per run, naming the round, the kind of work and the members ------
+
+    def put_task(self, run: str, task: dict) -> None:
+        self.put_json(f"tasks/{run}.json", task)
+
+    def delete_task(self, run: str) -> None:
+        self.delete([f"tasks/{run}.json"])
+
+    def list_tasks(self) -> list[ObjectInfo]:
+        return self.list("tasks/")
+
+    # --- round results ----------------------------------------------------------------------
+
+    def put_update(self, run: str, round_: int, member: str, data: bytes, meta: dict) -> None:
+        """A member's update: its weights, with its metrics in the object's metadata.
+
+        One object, so it appears whole or not at all, and one GET returns both.
+        """
+        key = round_prefix(run, round_) + f"updates/{member}.npz"
+        meta = {**meta, "sha256": weights.content_id(data)}
+        self._call(
+            f"put {key}",
+            lambda: self._client.put_object(
+                self.bucket, key, io.BytesIO(data), len(data),
+                metadata={"alliance": json.dumps(meta, sort_keys=True)},
+            ),
+        )
+
+    def get_update(self, run: str, round_: int, member: str) -> tuple[bytes, dict]:
+        """An update's bytes and metrics; raises IntegrityError when they do not match."""
+        key = round_prefix(run, round_) + f"updates/{member}.npz"
+
+        def get() -> tuple[bytes, dict]:
+            resp = self._client.get_object(self.bucket, key)
+            try:
+                return resp.read(), json.loads(resp.headers.get("x-amz-meta-alliance") or "{}")
+            finally:
+                resp.close()
+                resp.release_conn()
+
+        try:
+            data, meta = self._call(f"get {key}", get)
+        except S3Error as exc:
+            raise StoreError(f"get {key}: {exc.code}: {exc.message}") from exc
+        if weights.content_id(data) != meta.get("sha256"):
+            raise IntegrityError(f"{key}: content does not match the sha256 in its metadata")
+        return data, meta
+
+    def update_exists(self, run: str, round_: int, member: str) -> bool:
+        return self.exists(round_prefix(run, round_) + f"updates/{member}.npz")
+
+    def put_result(self, run: str, round_: int, kind: str, member: str, result: dict) -> None:
+        """kind: "failures" or "validations"."""
+        self.put_json(round_prefix(run, round_) + f"{kind}/{member}.json", result)
+
+    def list_round(self, run: str, round_: int) -> dict[str, set[str]]:
+        """What has arrived for a round: {"updates"|"failures"|"validations": {member, ...}}."""
+        prefix = round_prefix(run, round_)
+        found: dict[str, set[str]] = {"updates": set(), "failures": set(), "validations": set()}
+        for obj in self.list(prefix):
+            kind, _, name = obj.key[len(prefix):].partition("/")
+            if kind in found and name:
+                found[kind].add(name.rsplit(".", 1)[0])
+        return found
+
+    def get_round_json(self, run: str, round_: int, name: str) -> dict | None:
+        return self.get_json(round_prefix(run, round_) + name)
+
+    def put_round_json(self, run: str, round_: int, name: str, obj: dict) -> None:
+        self.put_json(round_prefix(run, round_) + name, obj)
+
+
+def _transient_s3(exc: S3Error) -> bool:
+    return exc.code in ("SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout") or (
+        exc.response is not None and exc.response.status >= 500
+    )
+
+
+def _epoch(value: datetime | None) -> float:
+    return value.timestamp() if value else 0.0
