@@ -140,14 +140,15 @@ def load_status(store: Store, run: str) -> RunStatus | None:
 def coordinate(store: Store, run: str, spec: RunSpec,
                on_change: Callable[[RunStatus], None] = lambda s: None,
                lost_members: Callable[[], set[str]] | None = None,
-               poll_seconds: float = 0.05) -> RunStatus:
+               poll_seconds: float = 0.05, heartbeat_timeout: float = 60.0) -> RunStatus:
     """Drive a run to its end, persisting its status in the store after every change."""
     saved_spec = store.get_json(f"runs/{run}/spec.json")
     if saved_spec is not None and saved_spec != spec.to_dict():
         spec = RunSpec.from_dict(saved_spec)  # a resumed run keeps the spec it started with
         log.warning("run %s exists: resuming it with its original spec", run)
     store.put_json(f"runs/{run}/spec.json", spec.to_dict())
-    coordinator = Coordinator(store, run, spec, lost_members=lost_members)
+    coordinator = Coordinator(store, run, spec, lost_members=lost_members,
+                              heartbeat_timeout=heartbeat_timeout)
     status = load_status(store, run) or RunStatus()
     last = status.to_dict()
     on_change(status)
@@ -169,6 +170,7 @@ def init_in_subprocess(env: dict[str, str], log_path: Path, keras_file: Path | N
     args = [sys.executable, "-m", "alliance", "init", "--seed", str(seed)]
     if keras_file:
         args += ["--model", str(keras_file)]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     out = open(log_path, "ab")  # noqa: SIM115
     return subprocess.Popen(args, env={**os.environ, **env}, stdout=out,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -54,7 +54,7 @@ ENV_ACCESS_KEY = "ALLIANCE_S3_ACCESS_KEY"
 ENV_SECRET_KEY = "ALLIANCE_S3_SECRET_KEY"
 ENV_BUCKET = "ALLIANCE_BUCKET"
 
-_NOT_FOUND = {"NoSuchKey", "NoSuchObject", "NoSuchBucket", "ResourceNotFound"}
+_NOT_FOUND = {"NoSuchKey", "NoSuchObject", "ResourceNotFound"}
 
 
 class StoreError(RuntimeError):
@@ -144,9 +144,14 @@ class Store:
             try:
                 return fn()
             except S3Error as exc:
-                if exc.code in _NOT_FOUND or not _transient_s3(exc):
-                    raise
+                if exc.code in _NOT_FOUND:
+                    raise  # the callers turn this into None / False
+                if not _transient_s3(exc):
+                    raise StoreError(f"{what}: the store refused: {exc.code}: {exc.message}"
+                                     ) from exc
                 error: Exception = exc
+            except ValueError as exc:  # the client's own checks, e.g. an invalid bucket name
+                raise StoreError(f"{what}: {exc}") from exc
             except (urllib3.exceptions.HTTPError, OSError, ServerError, InvalidResponseError) as exc:
                 error = exc
             if time.monotonic() + delay > deadline:
@@ -166,12 +171,15 @@ class Store:
         return self._pool.submit(fn, *args)
 
     def ensure_bucket(self) -> None:
-        if not self._call("check bucket", lambda: self._client.bucket_exists(self.bucket)):
+        def make() -> None:
             try:
-                self._call("create bucket", lambda: self._client.make_bucket(self.bucket))
-            except S3Error as exc:
+                self._client.make_bucket(self.bucket)
+            except S3Error as exc:  # created meanwhile by another process: fine
                 if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                     raise
+
+        if not self._call("check bucket", lambda: self._client.bucket_exists(self.bucket)):
+            self._call("create bucket", make)
 
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream"):
         self._call(
@@ -194,10 +202,8 @@ class Store:
 
         try:
             return self._call(f"get {key}", get)
-        except S3Error as exc:
-            if exc.code in _NOT_FOUND:
-                return None
-            raise StoreError(f"get {key}: {exc.code}: {exc.message}") from exc
+        except S3Error:  # only "not found" gets here
+            return None
 
     def put_json(self, key: str, obj: Any) -> None:
         self.put_bytes(key, json.dumps(obj, sort_keys=True).encode(), "application/json")

@@ -1,0 +1,181 @@
+"""The coordinator against a real S3 server, with members simulated through the store."""
+
+import time
+
+import numpy as np
+import pytest
+
+from alliance import weights
+from alliance.coordinator import Coordinator
+from alliance.engine import Phase, RunSpec, RunStatus, Stage
+from alliance.local import coordinate, load_status
+
+RUN = "r1"
+
+
+def model(v):
+    return [np.full((2, 3), v, np.float32), np.full(3, v, np.float32)]
+
+
+class Clock:
+    def __init__(self):
+        self.now = time.time()
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def alliance(store):
+    """An initialised alliance (seed model of zeros) with three ready members."""
+    seed = store.put_model(model(0.0))
+    store.put_alliance({"model": {"kind": "builtin", "name": "cnn"}, "seedModelId": seed})
+    for m in ("a", "b", "c"):
+        store.put_heartbeat(m, {"state": "ready", "trainRows": 10, "testRows": 5})
+    return store, seed
+
+
+def train(store, member, round_, value, n, loss=0.5):
+    store.put_update(RUN, round_, member, weights.dumps(model(value)),
+                     {"numExamples": n, "loss": loss, "seconds": 1.0})
+
+
+def validate(store, member, round_, acc, n=5):
+    store.put_result(RUN, round_, "validations", member,
+                     {"numExamples": n, "accuracy": acc, "loss": 0.1, "seconds": 0.5})
+
+
+def test_a_round_end_to_end_through_the_store(alliance):
+    store, seed = alliance
+    coord = Coordinator(store, RUN, RunSpec(rounds=1, min_members=2))
+    status = coord.reconcile(RunStatus())
+    assert (status.phase, status.round, status.stage) == (Phase.RUNNING, 1, Stage.TRAINING)
+    task = store.get_json(f"tasks/{RUN}.json")
+    assert task["kind"] == "train" and task["members"] == ["a", "b", "c"]
+    assert task["modelId"] == seed and task["epochs"] == 1 and task["batchSize"] == 32
+
+    train(store, "a", 1, 1.0, 10)
+    train(store, "b", 1, 4.0, 30)
+    assert coord.reconcile(status).stage == Stage.TRAINING  # c still training
+    train(store, "c", 1, 2.0, 10)
+    status = coord.reconcile(status)
+    assert status.stage == Stage.VALIDATING
+    # FedAvg: (1*10 + 4*30 + 2*10) / 50 = 3.0
+    np.testing.assert_allclose(store.get_model(status.model_id)[0], 3.0)
+    assert store.get_json(f"tasks/{RUN}.json")["kind"] == "validate"
+
+    for m, acc in (("a", 0.8), ("b", 0.9), ("c", 1.0)):
+        validate(store, m, 1, acc)
+    status = coord.reconcile(status)
+    assert status.phase == Phase.COMPLETED
+    record = status.history[0]
+    assert record.accuracy == pytest.approx(0.9)
+    assert record.members == ["a", "b", "c"] and record.num_examples == 50
+    assert record.train_loss == pytest.approx(0.5)
+    assert store.get_json(f"tasks/{RUN}.json") is None  # withdrawn
+
+
+def test_poisoned_and_misshapen_updates_are_rejected_and_the_round_completes(alliance):
+    store, _ = alliance
+    coord = Coordinator(store, RUN, RunSpec(rounds=1, min_members=2, validation="none"))
+    status = coord.reconcile(RunStatus())
+    train(store, "a", 1, 1.0, 10)
+    train(store, "b", 1, np.nan, 10)
+    store.put_update(RUN, 1, "c", weights.dumps(model(1.0)[:1]), {"numExamples": 10})
+    # Only a is acceptable, below the quorum of 2: the run fails and says why.
+    status = coord.reconcile(status)
+    assert status.phase == Phase.FAILED
+    record = status.history[0]
+    assert record.rejected == {
+        "b": "update rejected: array 0 has 6 non-finite values (NaN or Inf)",
+        "c": "update rejected: has 1 arrays, the model has 2",
+    }
+    assert "1 acceptable updates, minMembers is 2" in status.message
+
+
+def test_one_poisoned_update_is_left_out_of_the_average(alliance):
+    store, _ = alliance
+    coord = Coordinator(store, RUN, RunSpec(rounds=1, min_members=2, validation="none"))
+    status = coord.reconcile(RunStatus())
+    train(store, "a", 1, 1.0, 10)
+    train(store, "b", 1, 3.0, 10)
+    train(store, "c", 1, np.inf, 10)
+    status = coord.reconcile(status)
+    assert status.phase == Phase.COMPLETED
+    assert list(status.history[0].rejected) == ["c"]
+    np.testing.assert_allclose(store.get_model(status.model_id)[1], 2.0)
+
+
+def test_aggregation_is_done_once_even_when_asked_again(alliance):
+    store, _ = alliance
+    coord = Coordinator(store, RUN, RunSpec(rounds=1, validation="none"))
+    status = coord.reconcile(RunStatus())
+    for m in ("a", "b", "c"):
+        train(store, m, 1, 1.0, 10)
+    from alliance.engine import Aggregate
+
+    action = Aggregate(1, ("a", "b", "c"), status.model_id, None)
+    first = coord.aggregate(action)
+    train(store, "a", 1, 100.0, 10)  # a late re-upload must not change the round's model
+    assert coord.aggregate(action) == first
+
+
+def test_deadline_drops_a_silent_member(alliance):
+    store, _ = alliance
+    clock = Clock()
+    coord = Coordinator(store, RUN, RunSpec(rounds=1, min_members=2, validation="none",
+                                            round_deadline_seconds=30), clock=clock)
+    status = coord.reconcile(RunStatus())
+    train(store, "a", 1, 1.0, 10)
+    train(store, "b", 1, 1.0, 10)
+    clock.now += 29
+    assert coord.reconcile(status).stage == Stage.TRAINING
+    clock.now += 1
+    status = coord.reconcile(status)
+    assert status.phase == Phase.COMPLETED and status.history[0].dropped == ["c"]
+
+
+def test_lost_member_is_dropped_at_once(alliance):
+    store, _ = alliance
+    lost: set[str] = set()
+    coord = Coordinator(store, RUN, RunSpec(rounds=1, min_members=2, validation="none"),
+                        lost_members=lambda: lost)
+    status = coord.reconcile(RunStatus())
+    train(store, "a", 1, 1.0, 10)
+    train(store, "b", 1, 1.0, 10)
+    lost.add("c")  # its process exited / its pod failed
+    status = coord.reconcile(status)
+    assert status.phase == Phase.COMPLETED and status.history[0].dropped == ["c"]
+
+
+def test_stale_heartbeat_and_invalid_data_keep_members_out(alliance):
+    store, _ = alliance
+    store.put_heartbeat("c", {"state": "invalid", "message": "train.csv, line 3: nan"})
+    clock = Clock()
+    coord = Coordinator(store, RUN, RunSpec(rounds=1), heartbeat_timeout=60, clock=clock)
+    obs = coord.observe(RunStatus())
+    assert sorted(obs.ready) == ["a", "b"]
+    coord.clock = lambda: clock.now + 10**9  # every heartbeat is now ancient
+    obs = coord.observe(RunStatus())
+    assert obs.ready == {} and obs.lost == {"a", "b", "c"}
+
+
+def test_a_restarted_coordinator_resumes_from_the_persisted_status(alliance):
+    """Crash between rounds, mid-round and mid-aggregation: no round lost or repeated."""
+    store, _ = alliance
+    spec = RunSpec(rounds=2, min_members=3, validation="none")
+    status = Coordinator(store, RUN, spec).reconcile(RunStatus())
+    store.put_json(f"runs/{RUN}/status.json", status.to_dict())
+    for m in ("a", "b", "c"):
+        train(store, m, 1, 1.0, 10)
+    # The coordinator "crashes": a new one picks the status up from the store.
+    status = Coordinator(store, RUN, spec).reconcile(load_status(store, RUN))
+    assert status.round == 2 and status.stage == Stage.TRAINING
+    first_model = status.history[0].model_id
+    for m in ("a", "b", "c"):
+        train(store, m, 2, 3.0, 10)
+    status = coordinate(store, RUN, spec, poll_seconds=0.01)
+    assert status.phase == Phase.COMPLETED
+    assert [r.round for r in status.history] == [1, 2]
+    assert status.history[0].model_id == first_model
+    np.testing.assert_allclose(store.get_model(status.model_id)[0], 3.0)
