@@ -254,6 +254,7 @@ def cmd_run(args) -> int:
         progress.say(f"S3 store at {local.server.endpoint}; {args.members} members starting "
                      f"({threads} CPU thread{'s' * (threads > 1)} each); logs in {work / 'logs'}")
         (work / "last-run").write_text(run)
+        local.wait_until_started()
         status = coordinate(local.store, run, spec, on_change=progress.update,
                             lost_members=lambda: local.lost() | _init_failed(init))
         init.wait()

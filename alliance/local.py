@@ -204,6 +204,20 @@ class LocalAlliance:
                                              self.work_dir / "logs" / f"{d.name}.log",
                                              extra_args))
 
+    def wait_until_started(self, timeout: float = 60.0) -> None:
+        """Wait for every member to announce itself, so that a resumed run does not take
+        the "stopped" heartbeat of a member's previous process for a member that is gone."""
+        names = {m.name for m in self.members}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.lost():
+            beats = {o.key.rsplit("/", 1)[-1].removesuffix(".json"): o
+                     for o in self.store.list_heartbeats()}
+            states = {n: (self.store.get_json(beats[n].key) or {}).get("state")
+                      for n in names if n in beats}
+            if len(states) == len(names) and "stopped" not in states.values():
+                return
+            time.sleep(0.1)
+
     def lost(self) -> set[str]:
         return {m.name for m in self.members if not m.alive}
 

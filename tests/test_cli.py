@@ -1,0 +1,134 @@
+"""The `alliance` command end to end: real S3 server, member processes, TensorFlow."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from alliance.local import load_status
+from alliance.s3server import S3Server
+from alliance.store import Store
+
+from .conftest import SAMPLE_DIR, write_rows
+
+ALLIANCE = [sys.executable, "-m", "alliance"]
+
+
+def run_cli(*args, timeout=300, **kw):
+    return subprocess.run([*ALLIANCE, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+@pytest.fixture
+def small_dataset(tmp_path):
+    d = tmp_path / "data"
+    write_rows(d / "train.csv", 1500)
+    write_rows(d / "test.csv", 300, SAMPLE_DIR / "test.csv.gz")
+    return d
+
+
+def descendants_of(pid):
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_help_teaches():
+    out = run_cli("--help").stdout
+    for command in ("demo", "run", "member", "coordinate", "init", "check-data", "predict"):
+        assert command in out
+    member = run_cli("member", "--help").stdout
+    assert "ALLIANCE_S3_ENDPOINT" in member and "docs/data-format.md" in member
+
+
+def test_check_data_reports_the_exact_error_without_a_traceback(tmp_path):
+    write_rows(tmp_path / "train.csv", 3)
+    text = (tmp_path / "train.csv").read_text().replace(",", ";")
+    (tmp_path / "train.csv").write_text(text)
+    result = run_cli("check-data", tmp_path)
+    assert result.returncode == 1
+    assert "wrong-delimiter" in result.stderr and "Traceback" not in result.stderr
+    write_rows(tmp_path / "train.csv", 3)
+    ok = run_cli("check-data", tmp_path)
+    assert ok.returncode == 0 and "train" in ok.stdout and "3 rows" in ok.stdout
+
+
+def test_invalid_run_flags_are_clear_errors(tmp_path):
+    result = run_cli("run", "--rounds", "0", "--work-dir", tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: spec.rounds: must be at least 1, got 0"
+
+
+@pytest.mark.slow
+def test_run_trains_and_predict_labels_a_csv(tmp_path, small_dataset):
+    work = tmp_path / "work"
+    result = run_cli("run", "--data-dir", small_dataset, "--members", 3, "--rounds", 2,
+                     "--work-dir", work, "--run", "small")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert re.search(r"round 1/2: 3 members done, [\d.]+ s, accuracy 0\.\d{4}", out)
+    accuracy = float(re.search(r"final test accuracy: ([\d.]+)", out).group(1))
+    assert accuracy > 0.75, out
+    assert "final model: models/" in out
+    pred = run_cli("predict", "--work-dir", work, "--run", "small",
+                   "--input", small_dataset / "test.csv", "--output", tmp_path / "labels.csv")
+    assert pred.returncode == 0, pred.stderr
+    lines = (tmp_path / "labels.csv").read_text().splitlines()
+    assert lines[0] == "prediction,confidence" and len(lines) == 301
+    predicted = float(re.search(r"accuracy against the file's labels: ([\d.]+)",
+                                pred.stdout).group(1))
+    # The members' test shards together are this file: the same accuracy, to rounding.
+    assert predicted == pytest.approx(accuracy, abs=0.002)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_everything_and_the_run_resumes(tmp_path, small_dataset):
+    work = tmp_path / "work"
+    args = [*ALLIANCE, "run", "--data-dir", str(small_dataset), "--members", "2",
+            "--rounds", "3", "--work-dir", str(work), "--run", "r"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("round 1/3"):
+                break
+        children = descendants_of(proc.pid)
+        assert len(children) >= 3  # the S3 gateway and two members at least
+        interrupted_at = time.time()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, "".join(lines)
+    time.sleep(0.5)
+    assert [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE] == []
+    resumed = run_cli("run", "--resume", "--members", "2", "--work-dir", work, "--rounds", 3,
+                      "--data-dir", small_dataset)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    table = resumed.stdout.split("round  members")[1]
+    rounds = [int(row.split()[0]) for row in table.strip().splitlines()[1:4]]
+    assert rounds == [1, 2, 3]
+    with S3Server(work / "s3") as server:
+        status = load_status(Store(server.config), "r")
+    # Round 1 is the one finished before Ctrl-C, not a repeat.
+    assert status.history[0].finished_at < interrupted_at < status.history[1].finished_at
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("ALLIANCE_SKIP_DEMO") == "1", reason="ALLIANCE_SKIP_DEMO=1")
+def test_the_readme_demo_reaches_97_percent(tmp_path):
+    """The README's demo command exactly: 3 members x 3 rounds on the shipped sample."""
+    started = time.monotonic()
+    result = run_cli("demo", "--work-dir", tmp_path / "demo", timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    accuracy = float(re.search(r"final test accuracy: ([\d.]+)", result.stdout).group(1))
+    assert accuracy >= 0.97, result.stdout
+    print(f"demo: accuracy {accuracy:.4f} in {time.monotonic() - started:.0f} s")
