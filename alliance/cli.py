@@ -71,81 +71,118 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alliance",
         description="Federated learning: members train one model together without sharing "
-                    "data. Run a whole alliance on this machine (demo, run), or one part of "
-                    "it (member, coordinate, init) against an S3 store.",
+        "data. Run a whole alliance on this machine (demo, run), or one part of "
+        "it (member, coordinate, init) against an S3 store.",
     )
     parser.add_argument("--version", action="version", version=f"alliance {__version__}")
-    parser.add_argument("--log-level", default="warning",
-                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
+    )
     sub = parser.add_subparsers(metavar="COMMAND")
 
-    for name, helptext in (("demo", "a real federated MNIST training on the shipped sample"),
-                           ("run", "a federated training on this machine, from your CSV data")):
-        p = sub.add_parser(name, help=helptext, description=helptext + ".", epilog=EPILOG_RUN,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, helptext in (
+        ("demo", "a real federated MNIST training on the shipped sample"),
+        ("run", "a federated training on this machine, from your CSV data"),
+    ):
+        p = sub.add_parser(
+            name,
+            help=helptext,
+            description=helptext + ".",
+            epilog=EPILOG_RUN,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         _run_arguments(p)
         if name == "demo":
             # Two local epochs: on the 10,000-row sample, 3 rounds then reach ~98%.
             p.set_defaults(epochs=2)
         p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("member", help="the member agent: train and validate when asked",
-                       description="Run a member agent: validate the local data, then train "
-                                   "and validate the alliance's model when a run asks.",
-                       epilog=EPILOG_MEMBER, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "member",
+        help="the member agent: train and validate when asked",
+        description="Run a member agent: validate the local data, then train "
+        "and validate the alliance's model when a run asks.",
+        epilog=EPILOG_MEMBER,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--name", required=True, help="the member's name, unique in the alliance")
-    p.add_argument("--data-dir", required=True, type=Path,
-                   help="directory with train.csv and test.csv (optionally .gz)")
+    p.add_argument(
+        "--data-dir",
+        required=True,
+        type=Path,
+        help="directory with train.csv and test.csv (optionally .gz)",
+    )
     p.add_argument("--schema", type=Path, help="data schema YAML (default: mnist-in-csv)")
     p.add_argument("--train-command", help="your own train command template")
     p.add_argument("--validate-command", help="your own validate command template")
     p.set_defaults(func=cmd_member)
 
-    p = sub.add_parser("coordinate", help="drive one run's rounds against an S3 store",
-                       description="Coordinate a run: publish tasks, aggregate, validate, "
-                                   "until the last round. Status is kept in the store, so a "
-                                   "restarted coordinator resumes at the same round.",
-                       epilog="The store comes from ALLIANCE_S3_* and ALLIANCE_BUCKET, as for "
-                              "`alliance member`.")
+    p = sub.add_parser(
+        "coordinate",
+        help="drive one run's rounds against an S3 store",
+        description="Coordinate a run: publish tasks, aggregate, validate, "
+        "until the last round. Status is kept in the store, so a "
+        "restarted coordinator resumes at the same round.",
+        epilog="The store comes from ALLIANCE_S3_* and ALLIANCE_BUCKET, as for `alliance member`.",
+    )
     p.add_argument("--run", required=True, help="the run's name")
     p.add_argument("--spec", type=Path, help="run spec YAML (see examples/run.yaml)")
-    p.add_argument("--heartbeat-timeout", type=float, default=60.0,
-                   help="seconds without a heartbeat after which a member counts as lost "
-                        "and drops out of its round (default 60)")
+    p.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=60.0,
+        help="seconds without a heartbeat after which a member counts as lost "
+        "and drops out of its round (default 60)",
+    )
     p.set_defaults(func=cmd_coordinate)
 
-    p = sub.add_parser("init", help="initialise an alliance: bucket, model, seed weights",
-                       description="Create the bucket and write the model definition and the "
-                                   "seed weights, once (an initialised alliance is left as is).")
+    p = sub.add_parser(
+        "init",
+        help="initialise an alliance: bucket, model, seed weights",
+        description="Create the bucket and write the model definition and the "
+        "seed weights, once (an initialised alliance is left as is).",
+    )
     p.add_argument("--model", type=Path, help="a .keras model file (default: the built-in CNN)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the initial weights")
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("check-data", help="validate a member's data directory",
-                       description="Validate DIR/train.csv and DIR/test.csv as a member agent "
-                                   "would; print a summary, or the exact error (file, line, "
-                                   "column, rule) and exit 1.")
+    p = sub.add_parser(
+        "check-data",
+        help="validate a member's data directory",
+        description="Validate DIR/train.csv and DIR/test.csv as a member agent "
+        "would; print a summary, or the exact error (file, line, "
+        "column, rule) and exit 1.",
+    )
     p.add_argument("data_dir", type=Path, metavar="DIR")
     p.add_argument("--schema", type=Path, help="data schema YAML (default: mnist-in-csv)")
     p.set_defaults(func=cmd_check_data)
 
-    p = sub.add_parser("split", help="split a CSV dataset into member directories",
-                       description="Split TRAIN (and TEST) into OUT/member-1..N, IID or "
-                                   "non-IID (Dirichlet), reproducibly.")
+    p = sub.add_parser(
+        "split",
+        help="split a CSV dataset into member directories",
+        description="Split TRAIN (and TEST) into OUT/member-1..N, IID or "
+        "non-IID (Dirichlet), reproducibly.",
+    )
     p.add_argument("train", type=Path)
     p.add_argument("test", type=Path, nargs="?")
     p.add_argument("--out", type=Path, required=True)
     _split_arguments(p)
     p.set_defaults(func=cmd_split)
 
-    p = sub.add_parser("predict", help="label a CSV with a stored model",
-                       description="Predict the label of every row of INPUT with a stored "
-                                   "model; write OUTPUT with a prediction and a confidence "
-                                   "column. When INPUT has labels, print the accuracy.")
+    p = sub.add_parser(
+        "predict",
+        help="label a CSV with a stored model",
+        description="Predict the label of every row of INPUT with a stored "
+        "model; write OUTPUT with a prediction and a confidence "
+        "column. When INPUT has labels, print the accuracy.",
+    )
     p.add_argument("--input", type=Path, required=True)
     p.add_argument("--output", type=Path, required=True)
-    p.add_argument("--work-dir", type=Path,
-                   help="an embedded alliance's work dir (default: the store from ALLIANCE_S3_*)")
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        help="an embedded alliance's work dir (default: the store from ALLIANCE_S3_*)",
+    )
     p.add_argument("--run", help="use this run's final model")
     p.add_argument("--model", help="use this model id (sha256)")
     p.add_argument("--schema", type=Path, help="data schema YAML (default: mnist-in-csv)")
@@ -156,38 +193,71 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _split_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--members", type=int, default=3, help="number of members (default 3)")
-    p.add_argument("--split", choices=["iid", "dirichlet"], default="iid",
-                   help="how rows are shared out (default iid)")
-    p.add_argument("--alpha", type=float, default=0.5,
-                   help="Dirichlet concentration; smaller is more skewed (default 0.5)")
+    p.add_argument(
+        "--split",
+        choices=["iid", "dirichlet"],
+        default="iid",
+        help="how rows are shared out (default iid)",
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=0.5,
+        help="Dirichlet concentration; smaller is more skewed (default 0.5)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", type=Path,
-                   help="dataset to split among members: DIR/train.csv(.gz) and "
-                        "DIR/test.csv(.gz) (default: the shipped MNIST sample, "
-                        "10,000 train and 2,000 test rows)")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        help="dataset to split among members: DIR/train.csv(.gz) and "
+        "DIR/test.csv(.gz) (default: the shipped MNIST sample, "
+        "10,000 train and 2,000 test rows)",
+    )
     _split_arguments(p)
     p.add_argument("--rounds", type=int, default=3, help="training rounds (default 3)")
-    p.add_argument("--epochs", type=int, default=1,
-                   help="local epochs per round (default: 1; the demo's is 2)")
+    p.add_argument(
+        "--epochs", type=int, default=1, help="local epochs per round (default: 1; the demo's is 2)"
+    )
     p.add_argument("--batch-size", type=int, default=32, help="(default 32)")
-    p.add_argument("--aggregator", default="fedavg",
-                   help="fedavg, fedadam, fedyogi, fedadagrad, median, trimmedmean")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="an aggregator parameter, e.g. serverLearningRate=0.01 (repeatable)")
-    p.add_argument("--members-per-round", type=int, default=0,
-                   help="members asked each round (default 0: all)")
-    p.add_argument("--min-members", type=int, default=None,
-                   help="quorum of updates to aggregate (default: a majority)")
-    p.add_argument("--round-deadline", type=float, default=600.0,
-                   help="seconds a round waits for stragglers (default 600)")
+    p.add_argument(
+        "--aggregator",
+        default="fedavg",
+        help="fedavg, fedadam, fedyogi, fedadagrad, median, trimmedmean",
+    )
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an aggregator parameter, e.g. serverLearningRate=0.01 (repeatable)",
+    )
+    p.add_argument(
+        "--members-per-round", type=int, default=0, help="members asked each round (default 0: all)"
+    )
+    p.add_argument(
+        "--min-members",
+        type=int,
+        default=None,
+        help="quorum of updates to aggregate (default: a majority)",
+    )
+    p.add_argument(
+        "--round-deadline",
+        type=float,
+        default=600.0,
+        help="seconds a round waits for stragglers (default 600)",
+    )
     p.add_argument("--spec", type=Path, help="a run spec YAML; flags given override it")
     p.add_argument("--run", help="run name (default: a timestamp); an existing run resumes")
     p.add_argument("--resume", action="store_true", help="resume the last run in --work-dir")
-    p.add_argument("--work-dir", type=Path, default=Path("alliance-work"),
-                   help="where the store, member data and logs live (default ./alliance-work)")
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path("alliance-work"),
+        help="where the store, member data and logs live (default ./alliance-work)",
+    )
     p.add_argument("--model", type=Path, help="a .keras model file (default: the built-in CNN)")
 
 
@@ -215,14 +285,21 @@ def _run_spec(args) -> dict:
     spec: dict = {}
     if args.spec:
         spec = yaml.safe_load(args.spec.read_text()) or {}
-    spec.update({
-        "rounds": args.rounds, "localEpochs": args.epochs, "batchSize": args.batch_size,
-        "aggregator": args.aggregator, "membersPerRound": args.members_per_round,
-        "roundDeadlineSeconds": args.round_deadline, "seed": args.seed,
-    })
+    spec.update(
+        {
+            "rounds": args.rounds,
+            "localEpochs": args.epochs,
+            "batchSize": args.batch_size,
+            "aggregator": args.aggregator,
+            "membersPerRound": args.members_per_round,
+            "roundDeadlineSeconds": args.round_deadline,
+            "seed": args.seed,
+        }
+    )
     if args.param:
-        spec["aggregatorParams"] = {k: yaml.safe_load(v) for k, _, v in
-                                    (p.partition("=") for p in args.param)}
+        spec["aggregatorParams"] = {
+            k: yaml.safe_load(v) for k, _, v in (p.partition("=") for p in args.param)
+        }
     asked = args.members_per_round or args.members
     spec["minMembers"] = args.min_members or spec.get("minMembers") or asked // 2 + 1
     return spec
@@ -245,18 +322,27 @@ def cmd_run(args) -> int:
         if len(member_dirs) != args.members:
             train, test = _dataset_files(data_dir)
             progress.say(f"splitting {train.name} among {args.members} members ({args.split})")
-            member_dirs = split_dataset(train, test, work / "members", args.members,
-                                        args.split, args.alpha, args.seed)
+            member_dirs = split_dataset(
+                train, test, work / "members", args.members, args.split, args.alpha, args.seed
+            )
         threads = max(1, (os.cpu_count() or 1) // args.members)
-        init = init_in_subprocess(local.env(threads), work / "logs" / "init.log", args.model,
-                                  args.seed)
+        init = init_in_subprocess(
+            local.env(threads), work / "logs" / "init.log", args.model, args.seed
+        )
         local.start_members(member_dirs, threads)
-        progress.say(f"S3 store at {local.server.endpoint}; {args.members} members starting "
-                     f"({threads} CPU thread{'s' * (threads > 1)} each); logs in {work / 'logs'}")
+        progress.say(
+            f"S3 store at {local.server.endpoint}; {args.members} members starting "
+            f"({threads} CPU thread{'s' * (threads > 1)} each); logs in {work / 'logs'}"
+        )
         (work / "last-run").write_text(run)
         local.wait_until_started()
-        status = coordinate(local.store, run, spec, on_change=progress.update,
-                            lost_members=lambda: local.lost() | _init_failed(init))
+        status = coordinate(
+            local.store,
+            run,
+            spec,
+            on_change=progress.update,
+            lost_members=lambda: local.lost() | _init_failed(init),
+        )
         init.wait()
     progress.done(status, time.perf_counter() - started, work)
     return 0 if status.phase == "Completed" else 1
@@ -315,22 +401,31 @@ class Progress:
 
     def done(self, status, seconds: float, work: Path) -> None:
         self._clear()
-        print(f"\nrun {self.run}: {status.phase} — {status.message} ({seconds:.0f} s)",
-              file=self.stream)
-        print(f"\n{'round':>5} {'members':>8} {'dropped':>8} {'rejected':>9} {'seconds':>8} "
-              f"{'train loss':>11} {'accuracy':>9}  model", file=self.stream)
+        print(
+            f"\nrun {self.run}: {status.phase} — {status.message} ({seconds:.0f} s)",
+            file=self.stream,
+        )
+        print(
+            f"\n{'round':>5} {'members':>8} {'dropped':>8} {'rejected':>9} {'seconds':>8} "
+            f"{'train loss':>11} {'accuracy':>9}  model",
+            file=self.stream,
+        )
         for r in status.history:
             acc = f"{r.accuracy:.4f}" if r.accuracy is not None else "-"
             loss = f"{r.train_loss:.4f}" if r.train_loss is not None else "-"
-            print(f"{r.round:>5} {len(r.members):>8} {len(r.dropped):>8} {len(r.rejected):>9} "
-                  f"{r.seconds:>8.1f} {loss:>11} {acc:>9}  {(r.model_id or '-')[:12]}",
-                  file=self.stream)
+            print(
+                f"{r.round:>5} {len(r.members):>8} {len(r.dropped):>8} {len(r.rejected):>9} "
+                f"{r.seconds:>8.1f} {loss:>11} {acc:>9}  {(r.model_id or '-')[:12]}",
+                file=self.stream,
+            )
         if status.model_id:
-            print(f"\nfinal model: models/{status.model_id}.npz in the store under "
-                  f"{work / 's3'}\nevery round's model, update and metric: "
-                  f"runs/{self.run}/ in the same store\nlabel a CSV with it: alliance predict "
-                  f"--work-dir {work} --run {self.run} --input X.csv --output labels.csv",
-                  file=self.stream)
+            print(
+                f"\nfinal model: models/{status.model_id}.npz in the store under "
+                f"{work / 's3'}\nevery round's model, update and metric: "
+                f"runs/{self.run}/ in the same store\nlabel a CSV with it: alliance predict "
+                f"--work-dir {work} --run {self.run} --input X.csv --output labels.csv",
+                file=self.stream,
+            )
         final = status.history[-1].accuracy if status.history else None
         if final is not None:
             print(f"final test accuracy: {final:.4f}", file=self.stream)
@@ -344,8 +439,10 @@ def _round_line(record, rounds: int) -> str:
         extra += f", dropped {', '.join(record.dropped)}"
     if record.rejected:
         extra += f", rejected {', '.join(record.rejected)}"
-    return (f"round {record.round}/{rounds}: {len(record.members)} members done, "
-            f"{record.seconds:.1f} s, {acc}{extra}")
+    return (
+        f"round {record.round}/{rounds}: {len(record.members)} members done, "
+        f"{record.seconds:.1f} s, {acc}{extra}"
+    )
 
 
 def _store():
@@ -359,11 +456,17 @@ def cmd_member(args) -> int:
 
     store = _store()
     cache = os.environ.get("ALLIANCE_CACHE_DIR")
-    agent = Agent(store, AgentConfig(
-        name=args.name, data_dir=args.data_dir, schema=_schema(args.schema),
-        train_command=args.train_command, validate_command=args.validate_command,
-        cache_dir=Path(cache) if cache else None,
-    ))
+    agent = Agent(
+        store,
+        AgentConfig(
+            name=args.name,
+            data_dir=args.data_dir,
+            schema=_schema(args.schema),
+            train_command=args.train_command,
+            validate_command=args.validate_command,
+            cache_dir=Path(cache) if cache else None,
+        ),
+    )
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
     agent.run()
@@ -378,16 +481,17 @@ def cmd_coordinate(args) -> int:
     store = _store()
     progress = Progress(spec, args.run)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    status = coordinate(store, args.run, spec, on_change=progress.update,
-                        heartbeat_timeout=args.heartbeat_timeout)
+    status = coordinate(
+        store, args.run, spec, on_change=progress.update, heartbeat_timeout=args.heartbeat_timeout
+    )
     print(json.dumps(status.to_dict()["history"][-1:], indent=1) if status.history else "")
     print(f"run {args.run}: {status.phase}: {status.message}")
     return 0 if status.phase == "Completed" else 1
 
 
 def cmd_init(args) -> int:
-    from alliance.model import configure_threads, init_alliance
     from alliance.member import cpu_threads
+    from alliance.model import configure_threads, init_alliance
 
     configure_threads(cpu_threads())
     manifest = init_alliance(_store(), args.model, args.seed)
@@ -413,8 +517,9 @@ def cmd_check_data(args) -> int:
 def cmd_split(args) -> int:
     from alliance.local import split_dataset
 
-    dirs = split_dataset(args.train, args.test, args.out, args.members, args.split,
-                         args.alpha, args.seed)
+    dirs = split_dataset(
+        args.train, args.test, args.out, args.members, args.split, args.alpha, args.seed
+    )
     for d in dirs:
         print(d)
     return 0
@@ -448,8 +553,9 @@ def cmd_predict(args) -> int:
         if args.predict_command:
             from alliance.trainers import CommandTrainer
 
-            CommandTrainer(args.input.parent, predict_command=args.predict_command
-                           ).predict_file(arrays, args.input, args.output)
+            CommandTrainer(args.input.parent, predict_command=args.predict_command).predict_file(
+                arrays, args.input, args.output
+            )
             print(f"wrote {args.output}")
             return 0
         from alliance import model as model_mod
@@ -463,7 +569,8 @@ def cmd_predict(args) -> int:
     import pandas as pd
 
     pd.DataFrame({"prediction": labels, "confidence": probs.max(axis=1).round(6)}).to_csv(
-        args.output, index=False)
+        args.output, index=False
+    )
     print(f"wrote {len(labels)} predictions to {args.output} (model {model_id[:12]})")
     truth = _labels_if_any(args.input, schema)
     if truth is not None:
@@ -478,7 +585,8 @@ def _labels_if_any(path: Path, schema):
     if schema.label_column not in header:
         return None
     return pd.read_csv(path, usecols=[schema.label_column], sep=schema.delimiter)[
-        schema.label_column].to_numpy()
+        schema.label_column
+    ].to_numpy()
 
 
 if __name__ == "__main__":

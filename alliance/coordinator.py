@@ -76,8 +76,10 @@ class Coordinator:
         if status.round == 0 or status.phase in (engine.Phase.COMPLETED, engine.Phase.FAILED):
             return Observed(now=now, seed_model_id=self._seed(), ready=ready, lost=lost)
         found = self.store.list_round(self.run, status.round)
-        failures = {m: r.get("reason", "failed")
-                    for m, r in self._fetch(status.round, "failures", found["failures"]).items()}
+        failures = {
+            m: r.get("reason", "failed")
+            for m, r in self._fetch(status.round, "failures", found["failures"]).items()
+        }
         validations = {}
         if status.stage == engine.Stage.VALIDATING:
             validations = self._fetch(status.round, "validations", found["validations"])
@@ -105,10 +107,12 @@ class Coordinator:
     def _members(self, now: float) -> tuple[dict[str, MemberState], frozenset[str]]:
         """Ready and lost members from their heartbeats (content re-read only when it changed)."""
         listing = self.store.list_heartbeats()
-        changed = [o for o in listing
-                   if self._heartbeats.get(_member_of(o.key), ("",))[0] != o.etag]
-        for obj, content in zip(changed, self.store.map(lambda o: self.store.get_json(o.key),
-                                                        changed), strict=True):
+        changed = [
+            o for o in listing if self._heartbeats.get(_member_of(o.key), ("",))[0] != o.etag
+        ]
+        for obj, content in zip(
+            changed, self.store.map(lambda o: self.store.get_json(o.key), changed), strict=True
+        ):
             if content is not None:
                 self._heartbeats[_member_of(obj.key)] = (obj.etag, content)
         known_lost = set(self.lost_members())
@@ -117,38 +121,47 @@ class Coordinator:
         for obj in listing:
             name = _member_of(obj.key)
             content = self._heartbeats.get(name, ("", {}))[1]
-            if content.get("state") == "stopped" or now - obj.last_modified > self.heartbeat_timeout:
+            if (
+                content.get("state") == "stopped"
+                or now - obj.last_modified > self.heartbeat_timeout
+            ):
                 lost.add(name)
             elif content.get("state") == "ready" and name not in known_lost:
-                ready[name] = MemberState(name, content.get("trainRows", 0),
-                                          content.get("testRows", 0))
+                ready[name] = MemberState(
+                    name, content.get("trainRows", 0), content.get("testRows", 0)
+                )
         return ready, frozenset(lost)
 
     def _fetch(self, round_: int, kind: str, members: set[str]) -> dict[str, dict]:
         """Results of a kind for a round; each member's JSON is read once."""
         missing = [m for m in members if (round_, kind, m) not in self._results]
         keys = [f"runs/{self.run}/rounds/{round_:05d}/{kind}/{m}.json" for m in missing]
-        for member, content in zip(missing, self.store.map(self.store.get_json, keys),
-                                   strict=True):
+        for member, content in zip(missing, self.store.map(self.store.get_json, keys), strict=True):
             if content is not None:
                 self._results[(round_, kind, member)] = content
-        return {m: self._results[(round_, kind, m)] for m in members
-                if (round_, kind, m) in self._results}
+        return {
+            m: self._results[(round_, kind, m)]
+            for m in members
+            if (round_, kind, m) in self._results
+        }
 
     # --- acting -----------------------------------------------------------------------------
 
     def execute(self, action: engine.Action) -> None:
         if isinstance(action, PublishTask):
-            self.store.put_task(self.run, {
-                "run": self.run,
-                "round": action.round,
-                "kind": str(action.kind),
-                "members": list(action.members),
-                "modelId": action.model_id,
-                "deadline": action.deadline,
-                "epochs": self.spec.local_epochs,
-                "batchSize": self.spec.batch_size,
-            })
+            self.store.put_task(
+                self.run,
+                {
+                    "run": self.run,
+                    "round": action.round,
+                    "kind": str(action.kind),
+                    "members": list(action.members),
+                    "modelId": action.model_id,
+                    "deadline": action.deadline,
+                    "epochs": self.spec.local_epochs,
+                    "batchSize": self.spec.batch_size,
+                },
+            )
         elif isinstance(action, Aggregate):
             self.aggregate(action)
         elif isinstance(action, Finish):
@@ -161,8 +174,9 @@ class Coordinator:
             return AggregateResult.from_dict(saved)
         started = time.perf_counter()
         base = self.store.get_model(action.base_model_id)
-        state = (self.store.get_model(action.optimizer_state_id)
-                 if action.optimizer_state_id else None)
+        state = (
+            self.store.get_model(action.optimizer_state_id) if action.optimizer_state_id else None
+        )
         strategy = strategies.create(self.spec.aggregator, self.spec.aggregator_params)
         accepted: list[str] = []
         rejected: dict[str, str] = {}
@@ -205,18 +219,25 @@ class Coordinator:
                 accepted=tuple(accepted),
                 rejected=rejected,
                 num_examples=total,
-                train_loss=(sum(v * n for v, n in losses) / sum(n for _, n in losses)
-                            if losses else None),
+                train_loss=(
+                    sum(v * n for v, n in losses) / sum(n for _, n in losses) if losses else None
+                ),
                 train_seconds=max((m.get("seconds", 0.0) for m in metas), default=0.0),
             )
         self.store.put_round_json(self.run, action.round, "aggregate.json", result.to_dict())
-        log.info("round %d: aggregated %d updates (%d rejected) in %.2f s", action.round,
-                 len(accepted), len(rejected), time.perf_counter() - started)
+        log.info(
+            "round %d: aggregated %d updates (%d rejected) in %.2f s",
+            action.round,
+            len(accepted),
+            len(rejected),
+            time.perf_counter() - started,
+        )
         return result
 
 
-def _prefetch(store: Store, run: str, round_: int, members: tuple[str, ...]
-              ) -> Iterator[tuple[str, Future]]:
+def _prefetch(
+    store: Store, run: str, round_: int, members: tuple[str, ...]
+) -> Iterator[tuple[str, Future]]:
     """Yield (member, future of (bytes, meta)), keeping at most PREFETCH fetches ahead."""
     window: deque[tuple[str, Future]] = deque()
     pending = iter(members)

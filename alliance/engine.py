@@ -228,8 +228,9 @@ class AggregateResult:
     train_seconds: float = 0.0
 
     def to_dict(self) -> dict:
-        return {_camel(k): (list(v) if isinstance(v, tuple) else v)
-                for k, v in asdict(self).items()}
+        return {
+            _camel(k): (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> AggregateResult:
@@ -319,8 +320,11 @@ def select_members(spec: RunSpec, ready: list[str], round_: int) -> list[str]:
 def _start_round(spec: RunSpec, status: RunStatus, obs: Observed, round_: int):
     selected = select_members(spec, list(obs.ready), round_)
     if len(selected) < spec.min_members:
-        return _fail(status, obs, f"round {round_}: only {len(selected)} members ready, "
-                                  f"minMembers is {spec.min_members}")
+        return _fail(
+            status,
+            obs,
+            f"round {round_}: only {len(selected)} members ready, minMembers is {spec.min_members}",
+        )
     status.round = round_
     status.stage = Stage.TRAINING
     status.stage_started_at = obs.now
@@ -341,20 +345,27 @@ def _training(spec: RunSpec, status: RunStatus, obs: Observed):
     late = obs.now >= status.stage_started_at + spec.round_deadline_seconds
     record = status.current
     if waiting and not late:
-        status.message = (f"round {status.round}: {len(updated)} of {len(selected)} updates, "
-                          f"waiting for {len(waiting)}")
+        status.message = (
+            f"round {status.round}: {len(updated)} of {len(selected)} updates, "
+            f"waiting for {len(waiting)}"
+        )
         return status, []
     record.failed = dict(sorted(failed.items()))
     record.dropped = sorted(waiting | lost)
     if len(updated) < spec.min_members:
         why = "the deadline passed" if waiting else "the others failed or were lost"
-        return _fail(status, obs, f"round {status.round}: {len(updated)} updates, minMembers is "
-                                  f"{spec.min_members}, and {why}")
+        return _fail(
+            status,
+            obs,
+            f"round {status.round}: {len(updated)} updates, minMembers is "
+            f"{spec.min_members}, and {why}",
+        )
     status.stage = Stage.AGGREGATING
     status.stage_started_at = obs.now
     status.message = f"round {status.round}: aggregating {len(updated)} updates"
-    return status, [Aggregate(status.round, tuple(sorted(updated)), status.model_id,
-                              status.optimizer_state_id)]
+    return status, [
+        Aggregate(status.round, tuple(sorted(updated)), status.model_id, status.optimizer_state_id)
+    ]
 
 
 def _aggregating(spec: RunSpec, status: RunStatus, obs: Observed):
@@ -362,8 +373,9 @@ def _aggregating(spec: RunSpec, status: RunStatus, obs: Observed):
     record = status.current
     if result is None:  # not yet carried out (or lost in a crash): ask again, it is idempotent
         members = tuple(sorted(set(status.selected) & obs.updates))
-        return status, [Aggregate(status.round, members, status.model_id,
-                                  status.optimizer_state_id)]
+        return status, [
+            Aggregate(status.round, members, status.model_id, status.optimizer_state_id)
+        ]
     record.members = list(result.accepted)
     record.rejected = dict(sorted(result.rejected.items()))
     record.num_examples = result.num_examples
@@ -371,8 +383,12 @@ def _aggregating(spec: RunSpec, status: RunStatus, obs: Observed):
     record.train_seconds = result.train_seconds
     record.aggregated_at = obs.now
     if result.model_id is None or len(result.accepted) < spec.min_members:
-        return _fail(status, obs, f"round {status.round}: {len(result.accepted)} acceptable "
-                                  f"updates, minMembers is {spec.min_members}")
+        return _fail(
+            status,
+            obs,
+            f"round {status.round}: {len(result.accepted)} acceptable "
+            f"updates, minMembers is {spec.min_members}",
+        )
     status.model_id = result.model_id
     status.optimizer_state_id = result.optimizer_state_id
     record.model_id = result.model_id
@@ -386,8 +402,9 @@ def _aggregating(spec: RunSpec, status: RunStatus, obs: Observed):
     status.validators = validators
     status.message = f"round {status.round}: validating on {len(validators)} members"
     deadline = obs.now + spec.validation_deadline_seconds
-    return status, [PublishTask(status.round, TaskKind.VALIDATE, tuple(validators),
-                                status.model_id, deadline)]
+    return status, [
+        PublishTask(status.round, TaskKind.VALIDATE, tuple(validators), status.model_id, deadline)
+    ]
 
 
 def _validating(spec: RunSpec, status: RunStatus, obs: Observed):
@@ -398,8 +415,10 @@ def _validating(spec: RunSpec, status: RunStatus, obs: Observed):
     waiting = validators - set(done) - gone
     late = obs.now >= status.stage_started_at + spec.validation_deadline_seconds
     if waiting and not late:
-        status.message = (f"round {status.round}: {len(done)} of {len(validators)} "
-                          f"validations, waiting for {len(waiting)}")
+        status.message = (
+            f"round {status.round}: {len(done)} of {len(validators)} "
+            f"validations, waiting for {len(waiting)}"
+        )
         return status, []
     record = status.current
     counted = {m: v for m, v in done.items() if v.get("numExamples", 0) > 0}
@@ -407,8 +426,11 @@ def _validating(spec: RunSpec, status: RunStatus, obs: Observed):
     record.validators = len(counted)
     if total:
         record.accuracy = sum(v["accuracy"] * v["numExamples"] for v in counted.values()) / total
-        losses = [(v["loss"], v["numExamples"]) for v in counted.values()
-                  if v.get("loss") is not None and math.isfinite(v["loss"])]
+        losses = [
+            (v["loss"], v["numExamples"])
+            for v in counted.values()
+            if v.get("loss") is not None and math.isfinite(v["loss"])
+        ]
         if losses:
             record.loss = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
     record.validation_seconds = max((v.get("seconds", 0.0) for v in done.values()), default=0.0)

@@ -40,8 +40,9 @@ def _read_lines(path: Path) -> list[str]:
         return f.read().splitlines()
 
 
-def split_labels(labels: np.ndarray, members: int, mode: str = "iid", alpha: float = 0.5,
-                 seed: int = 0) -> list[np.ndarray]:
+def split_labels(
+    labels: np.ndarray, members: int, mode: str = "iid", alpha: float = 0.5, seed: int = 0
+) -> list[np.ndarray]:
     """Row indices per member. IID: a seeded shuffle cut in equal parts. Dirichlet: for each
     class, its rows are shared out in proportions drawn from Dir(alpha) (smaller alpha, more
     skew), the usual way to simulate non-IID members."""
@@ -59,9 +60,16 @@ def split_labels(labels: np.ndarray, members: int, mode: str = "iid", alpha: flo
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
-def split_dataset(train: Path, test: Path | None, out_dir: Path, members: int,
-                  mode: str = "iid", alpha: float = 0.5, seed: int = 0,
-                  label_column: str = "label") -> list[Path]:
+def split_dataset(
+    train: Path,
+    test: Path | None,
+    out_dir: Path,
+    members: int,
+    mode: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+    label_column: str = "label",
+) -> list[Path]:
     """Write ``member-<i>/train.csv`` (and ``test.csv``) under ``out_dir``; returns the dirs.
 
     Rows are copied as text, byte for byte; nothing is re-encoded.
@@ -73,8 +81,7 @@ def split_dataset(train: Path, test: Path | None, out_dir: Path, members: int,
         header, *rows = _read_lines(Path(path))
         col = header.split(",").index(label_column)
         labels = np.array([int(r.split(",", col + 1)[col]) for r in rows])
-        parts = split_labels(labels, members, mode, alpha,
-                             seed if split == "train" else seed + 1)
+        parts = split_labels(labels, members, mode, alpha, seed if split == "train" else seed + 1)
         for d, idx in zip(dirs, parts, strict=True):
             d.mkdir(parents=True, exist_ok=True)
             with open(d / f"{split}.csv", "w", newline="") as f:
@@ -103,15 +110,33 @@ class MemberProcess:
         return self.process.poll() is None
 
 
-def start_member(name: str, data_dir: Path, env: dict[str, str], log_path: Path,
-                 extra_args: list[str] | None = None) -> MemberProcess:
+def start_member(
+    name: str,
+    data_dir: Path,
+    env: dict[str, str],
+    log_path: Path,
+    extra_args: list[str] | None = None,
+) -> MemberProcess:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     out = open(log_path, "ab")  # noqa: SIM115 (owned by the child)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "alliance", "member", "--name", name, "--data-dir", str(data_dir),
-         *(extra_args or [])],
-        env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
+        [
+            sys.executable,
+            "-m",
+            "alliance",
+            "member",
+            "--name",
+            name,
+            "--data-dir",
+            str(data_dir),
+            *(extra_args or []),
+        ],
+        env={**os.environ, **env},
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
     )
     return MemberProcess(name, data_dir, proc)
 
@@ -137,18 +162,24 @@ def load_status(store: Store, run: str) -> RunStatus | None:
     return None if saved is None else RunStatus.from_dict(saved)
 
 
-def coordinate(store: Store, run: str, spec: RunSpec,
-               on_change: Callable[[RunStatus], None] = lambda s: None,
-               lost_members: Callable[[], set[str]] | None = None,
-               poll_seconds: float = 0.05, heartbeat_timeout: float = 60.0) -> RunStatus:
+def coordinate(
+    store: Store,
+    run: str,
+    spec: RunSpec,
+    on_change: Callable[[RunStatus], None] = lambda s: None,
+    lost_members: Callable[[], set[str]] | None = None,
+    poll_seconds: float = 0.05,
+    heartbeat_timeout: float = 60.0,
+) -> RunStatus:
     """Drive a run to its end, persisting its status in the store after every change."""
     saved_spec = store.get_json(f"runs/{run}/spec.json")
     if saved_spec is not None and saved_spec != spec.to_dict():
         spec = RunSpec.from_dict(saved_spec)  # a resumed run keeps the spec it started with
         log.warning("run %s exists: resuming it with its original spec", run)
     store.put_json(f"runs/{run}/spec.json", spec.to_dict())
-    coordinator = Coordinator(store, run, spec, lost_members=lost_members,
-                              heartbeat_timeout=heartbeat_timeout)
+    coordinator = Coordinator(
+        store, run, spec, lost_members=lost_members, heartbeat_timeout=heartbeat_timeout
+    )
     status = load_status(store, run) or RunStatus()
     last = status.to_dict()
     on_change(status)
@@ -164,17 +195,23 @@ def coordinate(store: Store, run: str, spec: RunSpec,
     return status
 
 
-def init_in_subprocess(env: dict[str, str], log_path: Path, keras_file: Path | None,
-                       seed: int) -> subprocess.Popen:
+def init_in_subprocess(
+    env: dict[str, str], log_path: Path, keras_file: Path | None, seed: int
+) -> subprocess.Popen:
     """Create the seed model in a child, so the runner itself never imports TensorFlow."""
     args = [sys.executable, "-m", "alliance", "init", "--seed", str(seed)]
     if keras_file:
         args += ["--model", str(keras_file)]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     out = open(log_path, "ab")  # noqa: SIM115
-    return subprocess.Popen(args, env={**os.environ, **env}, stdout=out,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            preexec_fn=_die_with_parent)
+    return subprocess.Popen(
+        args,
+        env={**os.environ, **env},
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent,
+    )
 
 
 class LocalAlliance:
@@ -193,16 +230,27 @@ class LocalAlliance:
         return self
 
     def env(self, threads: int) -> dict[str, str]:
-        return {**self.server.config.to_env(), "ALLIANCE_CPU_THREADS": str(threads),
-                "ALLIANCE_CACHE_DIR": str(self.work_dir / "cache"),
-                "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+        return {
+            **self.server.config.to_env(),
+            "ALLIANCE_CPU_THREADS": str(threads),
+            "ALLIANCE_CACHE_DIR": str(self.work_dir / "cache"),
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "PYTHONUNBUFFERED": "1",
+        }
 
-    def start_members(self, dirs: list[Path], threads: int,
-                      extra_args: list[str] | None = None) -> None:
+    def start_members(
+        self, dirs: list[Path], threads: int, extra_args: list[str] | None = None
+    ) -> None:
         for d in dirs:
-            self.members.append(start_member(d.name, d, self.env(threads),
-                                             self.work_dir / "logs" / f"{d.name}.log",
-                                             extra_args))
+            self.members.append(
+                start_member(
+                    d.name,
+                    d,
+                    self.env(threads),
+                    self.work_dir / "logs" / f"{d.name}.log",
+                    extra_args,
+                )
+            )
 
     def wait_until_started(self, timeout: float = 60.0) -> None:
         """Wait for every member to announce itself, so that a resumed run does not take
@@ -210,10 +258,15 @@ class LocalAlliance:
         names = {m.name for m in self.members}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not self.lost():
-            beats = {o.key.rsplit("/", 1)[-1].removesuffix(".json"): o
-                     for o in self.store.list_heartbeats()}
-            states = {n: (self.store.get_json(beats[n].key) or {}).get("state")
-                      for n in names if n in beats}
+            beats = {
+                o.key.rsplit("/", 1)[-1].removesuffix(".json"): o
+                for o in self.store.list_heartbeats()
+            }
+            states = {
+                n: (self.store.get_json(beats[n].key) or {}).get("state")
+                for n in names
+                if n in beats
+            }
             if len(states) == len(names) and "stopped" not in states.values():
                 return
             time.sleep(0.1)

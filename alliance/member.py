@@ -112,33 +112,41 @@ class Agent:
     def _check_data(self) -> bool:
         """Validate the local data before taking any work; publish the summary or the error."""
         try:
-            summary = data_mod.validate_data_dir(self.config.data_dir, self.config.schema,
-                                                 cache_dir=self.config.cache_dir)
+            summary = data_mod.validate_data_dir(
+                self.config.data_dir, self.config.schema, cache_dir=self.config.cache_dir
+            )
         except DataError as exc:
             log.error("data invalid: %s", exc)
-            self._publish_state({"state": "invalid", "error": exc.to_dict(),
-                                 "message": str(exc)})
+            self._publish_state({"state": "invalid", "error": exc.to_dict(), "message": str(exc)})
             return False
-        self._publish_state({"state": "ready", "trainRows": summary.train_rows,
-                             "testRows": summary.test_rows,
-                             "schema": self.config.schema.to_dict()})
-        log.info("data ready: %d train rows, %d test rows", summary.train_rows,
-                 summary.test_rows)
+        self._publish_state(
+            {
+                "state": "ready",
+                "trainRows": summary.train_rows,
+                "testRows": summary.test_rows,
+                "schema": self.config.schema.to_dict(),
+            }
+        )
+        log.info("data ready: %d train rows, %d test rows", summary.train_rows, summary.test_rows)
         return True
 
     def trainer(self) -> Trainer:
         if self._trainer is None:
             if self.config.train_command:
-                self._trainer = CommandTrainer(self.config.data_dir, self.config.train_command,
-                                               self.config.validate_command)
+                self._trainer = CommandTrainer(
+                    self.config.data_dir, self.config.train_command, self.config.validate_command
+                )
             else:
                 from alliance import model as model_mod
 
                 model_mod.configure_threads(cpu_threads())
                 manifest = self._alliance()
-                self._trainer = KerasTrainer(model_mod.build(manifest["model"], self.store),
-                                             self.config.data_dir, self.config.schema,
-                                             self.config.cache_dir)
+                self._trainer = KerasTrainer(
+                    model_mod.build(manifest["model"], self.store),
+                    self.config.data_dir,
+                    self.config.schema,
+                    self.config.cache_dir,
+                )
         return self._trainer
 
     def _alliance(self) -> dict:
@@ -211,8 +219,13 @@ class Agent:
                 metrics = self.trainer().validate(arrays)
                 metrics["taskSeconds"] = time.perf_counter() - started
                 self.store.put_result(run, round_, "validations", self.name, metrics)
-            log.info("%s round %d %s: %s", run, round_, kind,
-                     {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
+            log.info(
+                "%s round %d %s: %s",
+                run,
+                round_,
+                kind,
+                {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)},
+            )
         except (TaskError, DataError, StoreError, weights.WeightsError) as exc:
             log.error("%s round %d %s failed: %s", run, round_, kind, exc)
             self._report_failure(task, str(exc))

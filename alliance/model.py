@@ -79,8 +79,9 @@ def build(definition: dict, store: Store | None = None) -> Any:
             raise ModelError("a Keras model file needs the store to fetch it from")
         data = store.get_file("model-files", definition["sha256"], ".keras")
         return load_keras_bytes(data)
-    raise ModelError(f"unknown model definition {definition!r}; "
-                     "use the built-in 'cnn' or a .keras file")
+    raise ModelError(
+        f"unknown model definition {definition!r}; use the built-in 'cnn' or a .keras file"
+    )
 
 
 def load_keras_file(path: Path) -> Any:

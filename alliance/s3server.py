@@ -45,8 +45,14 @@ def free_port() -> int:
 class S3Server:
     """One gateway process serving ``directory``; use as a context manager or start()/stop()."""
 
-    def __init__(self, directory: Path, bucket: str = "alliance", port: int | None = None,
-                 access_key: str | None = None, secret_key: str | None = None):
+    def __init__(
+        self,
+        directory: Path,
+        bucket: str = "alliance",
+        port: int | None = None,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+    ):
         self.directory = Path(directory)
         self.bucket = bucket
         self.port = port or free_port()
@@ -79,18 +85,48 @@ class S3Server:
         log = open(self.directory / "gateway.log", "ab")  # noqa: SIM115 (owned by the child)
         if not (self.directory / "meta.db").exists():
             subprocess.run(
-                [_juicefs(), "--no-agent", "format", "--storage", "file",
-                 "--bucket", f"{self.directory / 'blob'}/", self._meta, "alliance"],
-                check=True, stdout=log, stderr=log,
+                [
+                    _juicefs(),
+                    "--no-agent",
+                    "format",
+                    "--storage",
+                    "file",
+                    "--bucket",
+                    f"{self.directory / 'blob'}/",
+                    self._meta,
+                    "alliance",
+                ],
+                check=True,
+                stdout=log,
+                stderr=log,
             )
-        env = {**os.environ, "MINIO_ROOT_USER": self.access_key,
-               "MINIO_ROOT_PASSWORD": self.secret_key}
+        env = {
+            **os.environ,
+            "MINIO_ROOT_USER": self.access_key,
+            "MINIO_ROOT_PASSWORD": self.secret_key,
+        }
         self.process = subprocess.Popen(
-            [_juicefs(), "--no-agent", "gateway", "--no-usage-report", "--multi-buckets",
-             "--keep-etag", "--object-tag", "--object-meta", "--cache-size", "0",
-             "--cache-dir", str(self.directory / "cache"), "--no-banner",
-             self._meta, f"127.0.0.1:{self.port}"],
-            env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            [
+                _juicefs(),
+                "--no-agent",
+                "gateway",
+                "--no-usage-report",
+                "--multi-buckets",
+                "--keep-etag",
+                "--object-tag",
+                "--object-meta",
+                "--cache-size",
+                "0",
+                "--cache-dir",
+                str(self.directory / "cache"),
+                "--no-banner",
+                self._meta,
+                f"127.0.0.1:{self.port}",
+            ],
+            env=env,
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches us, and we stop it in order
         )
         deadline = time.monotonic() + timeout

@@ -8,11 +8,11 @@ the layout::
     model-files/<sha256>.keras                     a user-supplied Keras model file (immutable)
     models/<sha256>.npz                            every global model and server-optimizer state
                                                    (immutable, content-addressed, checked on read)
-    members/<member>.json                          a member's heartbeat: state, data summary or error
+    members/<member>.json                          a member's heartbeat: state, data summary/error
     tasks/<run>.json                               the run's current task: round, kind of work
                                                    (train or validate), model id, the members asked
     runs/<run>/spec.json                           the run's spec (embedded runner)
-    runs/<run>/status.json                         the coordinator's persisted status (embedded runner)
+    runs/<run>/status.json                         the coordinator's persisted status (embedded)
     runs/<run>/rounds/<round>/updates/<member>.npz   a member's weights after local training, its
                                                    metrics in the object's metadata
     runs/<run>/rounds/<round>/failures/<member>.json a member's report that it could not do the task
@@ -80,7 +80,8 @@ class StoreConfig:
         ]
         if missing:
             raise StoreError(
-                "the object store is not configured: set " + ", ".join(missing)
+                "the object store is not configured: set "
+                + ", ".join(missing)
                 + " (there are no default credentials)"
             )
         return cls(env[ENV_ENDPOINT], env[ENV_ACCESS_KEY], env[ENV_SECRET_KEY], env[ENV_BUCKET])
@@ -147,12 +148,18 @@ class Store:
                 if exc.code in _NOT_FOUND:
                     raise  # the callers turn this into None / False
                 if not _transient_s3(exc):
-                    raise StoreError(f"{what}: the store refused: {exc.code}: {exc.message}"
-                                     ) from exc
+                    raise StoreError(
+                        f"{what}: the store refused: {exc.code}: {exc.message}"
+                    ) from exc
                 error: Exception = exc
             except ValueError as exc:  # the client's own checks, e.g. an invalid bucket name
                 raise StoreError(f"{what}: {exc}") from exc
-            except (urllib3.exceptions.HTTPError, OSError, ServerError, InvalidResponseError) as exc:
+            except (
+                urllib3.exceptions.HTTPError,
+                OSError,
+                ServerError,
+                InvalidResponseError,
+            ) as exc:
                 error = exc
             if time.monotonic() + delay > deadline:
                 raise StoreError(
@@ -324,7 +331,10 @@ class Store:
         self._call(
             f"put {key}",
             lambda: self._client.put_object(
-                self.bucket, key, io.BytesIO(data), len(data),
+                self.bucket,
+                key,
+                io.BytesIO(data),
+                len(data),
                 metadata={"alliance": json.dumps(meta, sort_keys=True)},
             ),
         )
@@ -361,7 +371,7 @@ class Store:
         prefix = round_prefix(run, round_)
         found: dict[str, set[str]] = {"updates": set(), "failures": set(), "validations": set()}
         for obj in self.list(prefix):
-            kind, _, name = obj.key[len(prefix):].partition("/")
+            kind, _, name = obj.key[len(prefix) :].partition("/")
             if kind in found and name:
                 found[kind].add(name.rsplit(".", 1)[0])
         return found

@@ -40,8 +40,9 @@ class TaskError(RuntimeError):
 
 
 class Trainer(Protocol):
-    def train(self, arrays: list[np.ndarray], epochs: int, batch_size: int
-              ) -> tuple[list[np.ndarray], dict]: ...
+    def train(
+        self, arrays: list[np.ndarray], epochs: int, batch_size: int
+    ) -> tuple[list[np.ndarray], dict]: ...
 
     def validate(self, arrays: list[np.ndarray]) -> dict: ...
 
@@ -73,8 +74,9 @@ class KerasTrainer:
         train = self._data("train")
         self._set(arrays)
         started = time.perf_counter()
-        history = self.model.fit(train.x, train.y, epochs=epochs, batch_size=batch_size,
-                                 shuffle=True, verbose=0)
+        history = self.model.fit(
+            train.x, train.y, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0
+        )
         seconds = time.perf_counter() - started
         self._loaded_id = None
         hist = history.history
@@ -91,8 +93,12 @@ class KerasTrainer:
         self._set(arrays)
         started = time.perf_counter()
         loss, accuracy = self.model.evaluate(test.x, test.y, batch_size=256, verbose=0)[:2]
-        return {"numExamples": len(test), "loss": float(loss), "accuracy": float(accuracy),
-                "seconds": time.perf_counter() - started}
+        return {
+            "numExamples": len(test),
+            "loss": float(loss),
+            "accuracy": float(accuracy),
+            "seconds": time.perf_counter() - started,
+        }
 
     def predict(self, arrays, x: np.ndarray) -> np.ndarray:
         self._set(arrays)
@@ -115,8 +121,9 @@ class CommandTrainer:
         with tempfile.TemporaryDirectory(prefix="alliance-task-") as tmp:
             paths = self._paths(tmp, arrays)
             started = time.perf_counter()
-            self._run(self.train_command, {**paths, "epochs": str(epochs),
-                                           "batch_size": str(batch_size)})
+            self._run(
+                self.train_command, {**paths, "epochs": str(epochs), "batch_size": str(batch_size)}
+            )
             seconds = time.perf_counter() - started
             out = Path(paths["model_out"])
             if not out.exists():
@@ -145,16 +152,21 @@ class CommandTrainer:
             raise TaskError("no predict command configured")
         with tempfile.TemporaryDirectory(prefix="alliance-task-") as tmp:
             paths = self._paths(tmp, arrays)
-            self._run(self.predict_command, {**paths, "input": str(input_csv),
-                                             "output": str(output_csv)})
+            self._run(
+                self.predict_command, {**paths, "input": str(input_csv), "output": str(output_csv)}
+            )
         if not Path(output_csv).exists():
             raise TaskError(f"the predict command wrote nothing to {{output}} ({output_csv})")
 
     def _paths(self, tmp: str, arrays) -> dict[str, str]:
         model_in = Path(tmp) / "model-in.npz"
         model_in.write_bytes(weights.dumps(arrays))
-        return {"model_in": str(model_in), "model_out": str(Path(tmp) / "model-out.npz"),
-                "metrics_out": str(Path(tmp) / "metrics.json"), "data_dir": str(self.data_dir)}
+        return {
+            "model_in": str(model_in),
+            "model_out": str(Path(tmp) / "model-out.npz"),
+            "metrics_out": str(Path(tmp) / "metrics.json"),
+            "data_dir": str(self.data_dir),
+        }
 
     def _run(self, template: str, values: dict[str, str]) -> None:
         try:
@@ -163,8 +175,15 @@ class CommandTrainer:
             raise TaskError(f"command template {template!r}: unknown placeholder {exc}") from exc
         env = {**os.environ, **{f"ALLIANCE_{k.upper()}": v for k, v in values.items()}}
         try:
-            proc = subprocess.run(argv, env=env, capture_output=True, text=True,
-                                  timeout=self.timeout, stdin=subprocess.DEVNULL, check=False)
+            proc = subprocess.run(
+                argv,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=self.timeout,
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise TaskError(f"{argv[0]}: {exc}") from exc
         if proc.returncode != 0:

@@ -1,6 +1,6 @@
 """Regenerate examples/mnist-sample/ from the full MNIST CSVs (a seeded random sample).
 
-    python scripts/make_sample.py ../shared/data/mnist examples/mnist-sample
+python scripts/make_sample.py ../shared/data/mnist examples/mnist-sample
 """
 
 import gzip
@@ -19,9 +19,10 @@ def main(src: Path, dst: Path) -> None:
         picked = sorted(random.Random(f"alliance-sample-{split}").sample(range(len(rows)), n))
         text = header + "\n" + "".join(rows[i] + "\n" for i in picked)
         # mtime=0: the same input gives the same bytes.
-        with open(dst / f"{split}.csv.gz", "wb") as raw, gzip.GzipFile(
-            fileobj=raw, mode="wb", mtime=0, compresslevel=9
-        ) as out:
+        with (
+            open(dst / f"{split}.csv.gz", "wb") as raw,
+            gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=9) as out,
+        ):
             out.write(text.encode())
 
 

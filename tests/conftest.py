@@ -28,20 +28,20 @@ def s3_server(tmp_path_factory) -> S3Server:
 @pytest.fixture
 def store(s3_server) -> Store:
     cfg = s3_server.config
-    config = StoreConfig(cfg.endpoint, cfg.access_key, cfg.secret_key,
-                         f"test-{next(_buckets)}")
+    config = StoreConfig(cfg.endpoint, cfg.access_key, cfg.secret_key, f"test-{next(_buckets)}")
     store = Store(config, retry_seconds=30)
     store.ensure_bucket()
     return store
 
 
-def write_rows(path: Path, rows: int, source: Path = SAMPLE_DIR / "train.csv.gz",
-               skip: int = 0) -> Path:
+def write_rows(
+    path: Path, rows: int, source: Path = SAMPLE_DIR / "train.csv.gz", skip: int = 0
+) -> Path:
     """Copy ``rows`` real MNIST rows (after ``skip``) from the shipped sample to ``path``."""
     with gzip.open(source, "rt", newline="") as f:
         lines = f.read().splitlines()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join([lines[0], *lines[1 + skip:1 + skip + rows]]) + "\n")
+    path.write_text("\n".join([lines[0], *lines[1 + skip : 1 + skip + rows]]) + "\n")
     return path
 
 

@@ -51,9 +51,12 @@ def start_agent(store, tmp_path, name, rows=8, train=TRAIN, validate=VALIDATE):
         path.write_text(code)
         scripts.append(path)
     config = AgentConfig(
-        name=name, data_dir=data, cache_dir=tmp_path / "cache", poll_seconds=0.05,
+        name=name,
+        data_dir=data,
+        cache_dir=tmp_path / "cache",
+        poll_seconds=0.05,
         train_command=f"{sys.executable} {scripts[0]} {{model_in}} {{data_dir}} {{model_out}} "
-                      "{metrics_out} {epochs}",
+        "{metrics_out} {epochs}",
         validate_command=f"{sys.executable} {scripts[1]} {{model_in}} {{metrics_out}}",
     )
     agent = Agent(store, config)
@@ -143,11 +146,22 @@ def test_invalid_data_is_published_with_the_exact_error(store, tmp_path):
 
 def test_a_restarted_member_does_not_redo_a_stored_update(alliance, tmp_path):
     store, seed = alliance
-    store.put_task("run", {"run": "run", "round": 1, "kind": "train", "members": ["a"],
-                           "modelId": seed, "deadline": time.time() + 60, "epochs": 1,
-                           "batchSize": 32})
-    store.put_update("run", 1, "a", weights.dumps([np.ones((2, 2), np.float32)]),
-                     {"numExamples": 1})
+    store.put_task(
+        "run",
+        {
+            "run": "run",
+            "round": 1,
+            "kind": "train",
+            "members": ["a"],
+            "modelId": seed,
+            "deadline": time.time() + 60,
+            "epochs": 1,
+            "batchSize": 32,
+        },
+    )
+    store.put_update(
+        "run", 1, "a", weights.dumps([np.ones((2, 2), np.float32)]), {"numExamples": 1}
+    )
     agent, thread = start_agent(store, tmp_path, "a")
     time.sleep(1.5)
     agent.stop()

@@ -20,8 +20,9 @@ ALLIANCE = [sys.executable, "-m", "alliance"]
 
 
 def run_cli(*args, timeout=300, **kw):
-    return subprocess.run([*ALLIANCE, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, **kw)
+    return subprocess.run(
+        [*ALLIANCE, *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw
+    )
 
 
 @pytest.fixture
@@ -68,21 +69,42 @@ def test_invalid_run_flags_are_clear_errors(tmp_path):
 @pytest.mark.slow
 def test_run_trains_and_predict_labels_a_csv(tmp_path, small_dataset):
     work = tmp_path / "work"
-    result = run_cli("run", "--data-dir", small_dataset, "--members", 3, "--rounds", 2,
-                     "--work-dir", work, "--run", "small")
+    result = run_cli(
+        "run",
+        "--data-dir",
+        small_dataset,
+        "--members",
+        3,
+        "--rounds",
+        2,
+        "--work-dir",
+        work,
+        "--run",
+        "small",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert re.search(r"round 1/2: 3 members done, [\d.]+ s, accuracy 0\.\d{4}", out)
     accuracy = float(re.search(r"final test accuracy: ([\d.]+)", out).group(1))
     assert accuracy > 0.75, out
     assert "final model: models/" in out
-    pred = run_cli("predict", "--work-dir", work, "--run", "small",
-                   "--input", small_dataset / "test.csv", "--output", tmp_path / "labels.csv")
+    pred = run_cli(
+        "predict",
+        "--work-dir",
+        work,
+        "--run",
+        "small",
+        "--input",
+        small_dataset / "test.csv",
+        "--output",
+        tmp_path / "labels.csv",
+    )
     assert pred.returncode == 0, pred.stderr
     lines = (tmp_path / "labels.csv").read_text().splitlines()
     assert lines[0] == "prediction,confidence" and len(lines) == 301
-    predicted = float(re.search(r"accuracy against the file's labels: ([\d.]+)",
-                                pred.stdout).group(1))
+    predicted = float(
+        re.search(r"accuracy against the file's labels: ([\d.]+)", pred.stdout).group(1)
+    )
     # The members' test shards together are this file: the same accuracy, to rounding.
     assert predicted == pytest.approx(accuracy, abs=0.002)
 
@@ -90,8 +112,20 @@ def test_run_trains_and_predict_labels_a_csv(tmp_path, small_dataset):
 @pytest.mark.slow
 def test_ctrl_c_stops_everything_and_the_run_resumes(tmp_path, small_dataset):
     work = tmp_path / "work"
-    args = [*ALLIANCE, "run", "--data-dir", str(small_dataset), "--members", "2",
-            "--rounds", "3", "--work-dir", str(work), "--run", "r"]
+    args = [
+        *ALLIANCE,
+        "run",
+        "--data-dir",
+        str(small_dataset),
+        "--members",
+        "2",
+        "--rounds",
+        "3",
+        "--work-dir",
+        str(work),
+        "--run",
+        "r",
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
@@ -110,8 +144,18 @@ def test_ctrl_c_stops_everything_and_the_run_resumes(tmp_path, small_dataset):
     assert proc.returncode == 130, "".join(lines)
     time.sleep(0.5)
     assert [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE] == []
-    resumed = run_cli("run", "--resume", "--members", "2", "--work-dir", work, "--rounds", 3,
-                      "--data-dir", small_dataset)
+    resumed = run_cli(
+        "run",
+        "--resume",
+        "--members",
+        "2",
+        "--work-dir",
+        work,
+        "--rounds",
+        3,
+        "--data-dir",
+        small_dataset,
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     table = resumed.stdout.split("round  members")[1]
     rounds = [int(row.split()[0]) for row in table.strip().splitlines()[1:4]]

@@ -36,13 +36,23 @@ def alliance(store):
 
 
 def train(store, member, round_, value, n, loss=0.5):
-    store.put_update(RUN, round_, member, weights.dumps(model(value)),
-                     {"numExamples": n, "loss": loss, "seconds": 1.0})
+    store.put_update(
+        RUN,
+        round_,
+        member,
+        weights.dumps(model(value)),
+        {"numExamples": n, "loss": loss, "seconds": 1.0},
+    )
 
 
 def validate(store, member, round_, acc, n=5):
-    store.put_result(RUN, round_, "validations", member,
-                     {"numExamples": n, "accuracy": acc, "loss": 0.1, "seconds": 0.5})
+    store.put_result(
+        RUN,
+        round_,
+        "validations",
+        member,
+        {"numExamples": n, "accuracy": acc, "loss": 0.1, "seconds": 0.5},
+    )
 
 
 def test_a_round_end_to_end_through_the_store(alliance):
@@ -123,8 +133,12 @@ def test_aggregation_is_done_once_even_when_asked_again(alliance):
 def test_deadline_drops_a_silent_member(alliance):
     store, _ = alliance
     clock = Clock()
-    coord = Coordinator(store, RUN, RunSpec(rounds=1, min_members=2, validation="none",
-                                            round_deadline_seconds=30), clock=clock)
+    coord = Coordinator(
+        store,
+        RUN,
+        RunSpec(rounds=1, min_members=2, validation="none", round_deadline_seconds=30),
+        clock=clock,
+    )
     status = coord.reconcile(RunStatus())
     train(store, "a", 1, 1.0, 10)
     train(store, "b", 1, 1.0, 10)
@@ -138,8 +152,9 @@ def test_deadline_drops_a_silent_member(alliance):
 def test_lost_member_is_dropped_at_once(alliance):
     store, _ = alliance
     lost: set[str] = set()
-    coord = Coordinator(store, RUN, RunSpec(rounds=1, min_members=2, validation="none"),
-                        lost_members=lambda: lost)
+    coord = Coordinator(
+        store, RUN, RunSpec(rounds=1, min_members=2, validation="none"), lost_members=lambda: lost
+    )
     status = coord.reconcile(RunStatus())
     train(store, "a", 1, 1.0, 10)
     train(store, "b", 1, 1.0, 10)

@@ -80,8 +80,9 @@ def test_all_answered_aggregates_at_once():
 def test_lost_member_is_dropped_without_waiting_for_the_deadline():
     spec = RunSpec(min_members=2, round_deadline_seconds=600)
     status, _ = started(spec)
-    status, actions = step(spec, status, obs(5, updates=frozenset({"a", "b"}),
-                                               lost=frozenset({"c"})))
+    status, actions = step(
+        spec, status, obs(5, updates=frozenset({"a", "b"}), lost=frozenset({"c"}))
+    )
     assert actions == [Aggregate(1, ("a", "b"), SEED, None)]
     assert status.current.dropped == ["c"]
 
@@ -107,8 +108,9 @@ def test_deadline_without_quorum_fails_the_run():
 def test_reported_failure_counts_as_an_answer():
     spec = RunSpec(min_members=2)
     status, _ = started(spec)
-    status, actions = step(spec, status, obs(5, updates=frozenset({"a", "b"}),
-                                               failures={"c": "out of memory"}))
+    status, actions = step(
+        spec, status, obs(5, updates=frozenset({"a", "b"}), failures={"c": "out of memory"})
+    )
     assert actions == [Aggregate(1, ("a", "b"), SEED, None)]
     assert status.current.failed == {"c": "out of memory"}
 
@@ -147,9 +149,11 @@ def test_rejected_updates_below_quorum_fail_the_run():
 def test_validation_accuracy_is_weighted_by_examples_and_next_round_starts():
     spec = RunSpec(rounds=2)
     status, _ = aggregated(spec)
-    vals = {"a": {"numExamples": 100, "accuracy": 0.9, "loss": 0.3, "seconds": 1.0},
-            "b": {"numExamples": 300, "accuracy": 0.7, "loss": 0.5, "seconds": 2.0},
-            "c": {"error": "test.csv vanished"}}
+    vals = {
+        "a": {"numExamples": 100, "accuracy": 0.9, "loss": 0.3, "seconds": 1.0},
+        "b": {"numExamples": 300, "accuracy": 0.7, "loss": 0.5, "seconds": 2.0},
+        "c": {"error": "test.csv vanished"},
+    }
     status, actions = step(spec, status, obs(8, validations=vals))
     first = status.history[0]
     # (0.9*100 + 0.7*300) / 400 = 0.75 ; loss (0.3*100 + 0.5*300) / 400 = 0.45
@@ -163,8 +167,11 @@ def test_validation_accuracy_is_weighted_by_examples_and_next_round_starts():
 def test_last_round_completes_the_run():
     spec = RunSpec(rounds=1)
     status, _ = aggregated(spec)
-    status, actions = step(spec, status, obs(8, validations={
-        m: {"numExamples": 10, "accuracy": 1.0, "loss": 0.0} for m in M3}))
+    status, actions = step(
+        spec,
+        status,
+        obs(8, validations={m: {"numExamples": 10, "accuracy": 1.0, "loss": 0.0} for m in M3}),
+    )
     assert status.phase == Phase.COMPLETED and actions == [Finish()]
     assert status.message == "completed 1 rounds, accuracy 1.0000"
     assert step(spec, status, obs(9)) == (status, [])
@@ -191,15 +198,18 @@ def test_member_selection_is_seeded_by_round():
     assert any(select_members(spec, names, r) != first for r in range(2, 6))
 
 
-@pytest.mark.parametrize(("data", "field"), [
-    ({"rounds": 0}, "rounds"),
-    ({"rounds": "3"}, "rounds"),
-    ({"minMembers": 3, "membersPerRound": 2}, "minMembers"),
-    ({"aggregator": "fedmagic"}, "aggregator"),
-    ({"aggregator": "fedadam", "aggregatorParams": {"nope": 1}}, "aggregator"),
-    ({"validation": "all"}, "validation"),
-    ({"roundDeadline": 5}, "roundDeadline"),
-])
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"rounds": 0}, "rounds"),
+        ({"rounds": "3"}, "rounds"),
+        ({"minMembers": 3, "membersPerRound": 2}, "minMembers"),
+        ({"aggregator": "fedmagic"}, "aggregator"),
+        ({"aggregator": "fedadam", "aggregatorParams": {"nope": 1}}, "aggregator"),
+        ({"validation": "all"}, "validation"),
+        ({"roundDeadline": 5}, "roundDeadline"),
+    ],
+)
 def test_invalid_spec_names_the_field(data, field):
     with pytest.raises(SpecError) as err:
         RunSpec.from_dict(data)
@@ -208,8 +218,14 @@ def test_invalid_spec_names_the_field(data, field):
 
 
 def test_spec_from_camel_case():
-    spec = RunSpec.from_dict({"rounds": 5, "localEpochs": 2, "roundDeadlineSeconds": 30,
-                              "aggregator": "trimmedmean",
-                              "aggregatorParams": {"trimFraction": 0.2}})
+    spec = RunSpec.from_dict(
+        {
+            "rounds": 5,
+            "localEpochs": 2,
+            "roundDeadlineSeconds": 30,
+            "aggregator": "trimmedmean",
+            "aggregatorParams": {"trimFraction": 0.2},
+        }
+    )
     assert (spec.rounds, spec.local_epochs, spec.round_deadline_seconds) == (5, 2, 30.0)
     assert RunSpec.from_dict(spec.to_dict()) == spec

@@ -61,17 +61,24 @@ def test_update_carries_its_metrics_in_one_object(store):
     store.put_result("r", 2, "failures", "bob", {"reason": "oom"})
     store.put_result("r", 2, "validations", "carol", {"accuracy": 1.0})
     assert store.list_round("r", 2) == {
-        "updates": {"alice"}, "failures": {"bob"}, "validations": {"carol"}}
-    assert store.list_round("r", 3) == {"updates": set(), "failures": set(),
-                                        "validations": set()}
+        "updates": {"alice"},
+        "failures": {"bob"},
+        "validations": {"carol"},
+    }
+    assert store.list_round("r", 3) == {"updates": set(), "failures": set(), "validations": set()}
     keys = {o.key for o in store.list("runs/")}
     assert "runs/r/rounds/00002/updates/alice.npz" in keys
 
 
 def test_missing_credentials_are_an_error_naming_the_variables():
     with pytest.raises(StoreError, match="ALLIANCE_S3_SECRET_KEY"):
-        StoreConfig.from_env({"ALLIANCE_S3_ENDPOINT": "http://127.0.0.1:1",
-                              "ALLIANCE_S3_ACCESS_KEY": "a", "ALLIANCE_BUCKET": "b"})
+        StoreConfig.from_env(
+            {
+                "ALLIANCE_S3_ENDPOINT": "http://127.0.0.1:1",
+                "ALLIANCE_S3_ACCESS_KEY": "a",
+                "ALLIANCE_BUCKET": "b",
+            }
+        )
 
 
 def test_wrong_secret_is_refused(s3_server):
