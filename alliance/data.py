@@ -6,17 +6,19 @@ gzipped: ``train.csv.gz``). The default schema is mnist-in-csv: a header
 
 Parsing is fast and exact at the same time:
 
-- the fast path is one ``pandas.read_csv`` call (C engine, float dtypes) followed by vectorised
-  numpy checks (finite, value ranges, integer labels); a flagged row maps back to its physical
-  line, and that one line is re-checked by the exact rules to build the error;
+- the fast path is one ``pandas.read_csv`` pass (C engine, float dtypes, read in chunks into
+  preallocated arrays) followed by vectorised numpy checks (finite, value ranges, integer
+  labels); a flagged row maps back to its physical line, and that one line is re-checked by
+  the exact rules to build the error;
 - when pandas cannot parse the file (a row with extra cells, a non-numeric cell, bad UTF-8, ...)
   the file is parsed again in line-aligned blocks, and the first block pandas rejects is scanned
   line by line with the exact rules (``csv`` module), which find the first bad line and cell.
 
 Every problem becomes a :class:`DataError` with a stable ``rule`` name, the file, the 1-based
 physical line (the header is line 1) and the column (header name and 1-based index). Parsed
-arrays are memoised in-process and cached on disk as ``.npz`` (keyed by the file's resolved
-path, size, mtime and the schema's fingerprint), so a second load is almost free.
+arrays are memoised in-process and cached on disk as ``.npy``/``.npz`` (keyed by the file's
+resolved path, size, mtime and the schema's fingerprint), so a second load is almost free.
+Nothing here imports TensorFlow, kopf or kubernetes.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ RULES = (
 
 _CACHE_VERSION = "1"
 _BLOCK_BYTES = 4 << 20  # block size for the error-locating pass
+_CHUNK_CELLS = 8_000_000  # cells per pandas chunk
 _MEMO_ENTRIES = 8
 _ENV_CACHE_DIR = "ALLIANCE_CACHE_DIR"
 
@@ -118,6 +121,7 @@ _INF_STRINGS = frozenset(f"{sign}{word}" for sign in ("", "+", "-") for word in 
 # digits and the nan / inf words (handled by the "nan" rule).
 _NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 _PIXEL_NAME_RE = re.compile(r"(\d+)x(\d+)", re.ASCII)
+_PLAIN_BYTES = b'0123456789.+-eE \t\n"'  # all that plain numeric CSV is made of
 
 
 # --------------------------------------------------------------------------------------------
@@ -508,7 +512,6 @@ def read_features_csv(
     if not p.exists():
         raise DataError("missing-file", f"{p} does not exist", file=str(path))
     x, _ = _parse_file(p, str(path), schema, "features")
-    x.flags.writeable = True  # the caller owns it
     return x
 
 
@@ -532,7 +535,8 @@ def clear_memory_cache() -> None:
 # --------------------------------------------------------------------------------------------
 # Cache
 
-_MEMO: OrderedDict[tuple, tuple[tuple, np.ndarray, np.ndarray]] = OrderedDict()
+# key -> (file state, (x, y) or the DataError the unchanged file gives)
+_MEMO: OrderedDict[tuple, tuple[tuple, Any]] = OrderedDict()
 _MEMO_LOCK = threading.Lock()
 
 
@@ -552,7 +556,20 @@ def _load_cached(
         hit = _MEMO.get(key)
         if hit is not None and hit[0] == state:
             _MEMO.move_to_end(key)
-            return hit[1], hit[2]
+        else:
+            hit = None
+    if hit is not None:
+        result = hit[1]
+        if isinstance(result, DataError):  # the same unchanged file: the same error, at once
+            raise DataError(
+                result.rule,
+                result.message,
+                display,
+                result.line,
+                result.column,
+                result.column_index,
+            )
+        return result
 
     cdir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     prefix = _digest(_CACHE_VERSION, *key)[:20]
@@ -564,26 +581,39 @@ def _load_cached(
     arrays = _read_cache(stem, meta, schema) if stem is not None else None
     if arrays is None:
         started = time.perf_counter()
-        arrays = _parse_file(path, display, schema, mode)
+        try:
+            arrays = _parse_file(path, display, schema, mode)
+        except DataError as exc:
+            if _unchanged(resolved, state):
+                _remember(key, state, exc)
+            raise
         log.info(
             "parsed %s: %d rows in %.2f s", display, len(arrays[1]), time.perf_counter() - started
         )
-        try:
-            after = resolved.stat()
-            unchanged = (after.st_size, after.st_mtime_ns) == state  # not rewritten meanwhile
-        except OSError:
-            unchanged = False
-        if stem is not None and unchanged:
+        if stem is not None and _unchanged(resolved, state):
             _write_cache(stem, prefix, meta, *arrays)
     x, y = arrays
     x.flags.writeable = False
     y.flags.writeable = False
+    _remember(key, state, (x, y))
+    return x, y
+
+
+def _unchanged(resolved: Path, state: tuple[int, int]) -> bool:
+    """The file was not rewritten while it was parsed."""
+    try:
+        after = resolved.stat()
+    except OSError:
+        return False
+    return (after.st_size, after.st_mtime_ns) == state
+
+
+def _remember(key: tuple, state: tuple[int, int], result: tuple | DataError) -> None:
     with _MEMO_LOCK:
-        _MEMO[key] = (state, x, y)
+        _MEMO[key] = (state, result)
         _MEMO.move_to_end(key)
         while len(_MEMO) > _MEMO_ENTRIES:
             _MEMO.popitem(last=False)
-    return x, y
 
 
 def _digest(*parts: object) -> str:
@@ -859,15 +889,11 @@ def _parse_file(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         labels, feats = _parse_rows(data, 2, layout, split=True)
-        del data
-        n = feats.shape[0]
-        x = np.empty((n, len(layout.feature_idx)), dtype=np.float32)
-        if schema.scale == 1.0:
-            x[...] = feats
-        else:
-            np.divide(feats, np.float32(schema.scale), out=x)
-    del feats
-    x = x.reshape((n, *schema.feature_shape))
+    del data
+    feats = np.ascontiguousarray(feats, dtype=np.float32)
+    if schema.scale != 1.0:
+        np.divide(feats, np.float32(schema.scale), out=feats)
+    x = feats.reshape((feats.shape[0], *schema.feature_shape))
     y = labels.astype(np.int64) if labels is not None else np.zeros(0, dtype=np.int64)
     return x, y
 
@@ -881,10 +907,11 @@ _Rows = tuple["np.ndarray | None", np.ndarray]  # labels (float64) or None, feat
 def _parse_rows(data: bytes, first_line: int, layout: _Layout, split: bool) -> _Rows:
     """Parse data lines (each ending in '\\n') starting at physical line ``first_line``."""
     nlines = data.count(b"\n")
-    rows = _pandas_rows(data, layout)
-    if rows is not None and rows[1].shape[0] == nlines:
-        # pandas silently drops extra cells on the first row and reads an all-True/False
-        # column as 1/0: the exact check of the first line catches both.
+    # pandas reads a column that is all True/False within one of its internal chunks as 1/0:
+    # data with such words goes to the exact pass.
+    rows = None if _may_hold_booleans(data, layout) else _pandas_rows(data, nlines, layout)
+    if rows is not None:
+        # pandas silently drops extra cells on the first row: the exact check catches that.
         _parse_line(data[: data.find(b"\n")], first_line, layout)
         bad = _flagged_rows(rows, layout)
         if bad.size == 0:
@@ -896,6 +923,14 @@ def _parse_rows(data: bytes, first_line: int, layout: _Layout, split: bool) -> _
     elif split and len(data) > _BLOCK_BYTES:
         return _parse_blocks(data, first_line, layout)
     return _exact_rows(data, first_line, layout)
+
+
+def _may_hold_booleans(data: bytes, layout: _Layout) -> bool:
+    if b"e" not in data and b"E" not in data:  # memchr: instant on typical numeric data
+        return False
+    rest = data.translate(None, _PLAIN_BYTES + layout.schema.delimiter.encode())
+    low = rest.lower()  # "true" / "false" without their e: "tru", "fals"
+    return b"tru" in low or b"fals" in low
 
 
 def _parse_blocks(data: bytes, first_line: int, layout: _Layout) -> _Rows:
@@ -912,31 +947,45 @@ def _parse_blocks(data: bytes, first_line: int, layout: _Layout) -> _Rows:
     return labels, np.concatenate([p[1] for p in parts])
 
 
-def _pandas_rows(data: bytes, layout: _Layout) -> _Rows | None:
-    """One pandas.read_csv call; None when pandas refuses (the slower exact pass follows)."""
-    cols = [j for j in range(layout.ncols) if j != layout.skip_idx]
-    dtype: dict[int, Any] = {j: np.float32 for j in layout.feature_idx}
+def _pandas_rows(data: bytes, nlines: int, layout: _Layout) -> _Rows | None:
+    """pandas.read_csv in chunks of rows, copied into preallocated C-ordered arrays (which keeps
+    the peak memory near the size of the result). None when pandas refuses the data or finds
+    another number of rows than there are lines: the exact pass then explains the problem."""
+    nfeat = len(layout.feature_idx)
+    feature_cols = list(layout.feature_idx)
+    dtype: dict[int, Any] = {j: np.float32 for j in feature_cols}
     if layout.label_idx is not None:
         dtype[layout.label_idx] = np.float64
+    if layout.skip_idx is not None:  # read, not converted (usecols would let extra cells pass)
+        dtype[layout.skip_idx] = object
+    labels = np.empty(nlines, dtype=np.float64) if layout.label_idx is not None else None
+    feats = np.empty((nlines, nfeat), dtype=np.float32)
+    pos = 0
     try:
-        df = pd.read_csv(
+        with pd.read_csv(
             io.BytesIO(data),
             sep=layout.schema.delimiter,
             header=None,
             names=list(range(layout.ncols)),
-            usecols=cols if layout.skip_idx is not None else None,
             dtype=dtype,
             engine="c",
             index_col=False,
             skip_blank_lines=False,
             encoding="utf-8",
-        )
-        labels = None
-        if layout.label_idx is not None:
-            labels = df[layout.label_idx].to_numpy(dtype=np.float64)
-        feats = df[list(layout.feature_idx)].to_numpy(dtype=np.float32)
+            chunksize=max(1024, _CHUNK_CELLS // layout.ncols),
+        ) as reader:
+            for df in reader:
+                k = len(df)
+                if pos + k > nlines:
+                    return None
+                if labels is not None:
+                    labels[pos : pos + k] = df[layout.label_idx].to_numpy(dtype=np.float64)
+                feats[pos : pos + k] = df[feature_cols].to_numpy(dtype=np.float32)
+                pos += k
     except Exception as exc:  # any refusal: the exact pass finds and explains the problem
         log.debug("pandas could not parse %s (%s); locating the problem", layout.file, exc)
+        return None
+    if pos != nlines:
         return None
     return labels, feats
 
@@ -997,9 +1046,14 @@ def _parse_line(line: bytes, line_no: int, layout: _Layout) -> tuple[float, list
     clean = layout.clean_re.fullmatch(text) is not None
     cells = text.split(s.delimiter) if clean else _csv_split(text, s.delimiter)
     if len(cells) != layout.ncols:
+        hint = ""
+        if len(cells) == 1:
+            others = [c for c in (",", ";", "\t", "|") if c != s.delimiter and c in text]
+            if others:
+                hint = f" (the line seems to be separated by {_delim_name(others[0])})"
         raise DataError(
             "column-count",
-            f"expected {layout.ncols} cells as in the header, found {len(cells)}",
+            f"expected {layout.ncols} cells as in the header, found {len(cells)}{hint}",
             file=file,
             line=line_no,
         )
