@@ -1,0 +1,213 @@
+"""``make bench``: run the README's benchmarks, print a Markdown table, write results.json.
+
+.venv/bin/python -m benchmarks.run                 all of them (about 6-8 minutes on 2 cores)
+.venv/bin/python -m benchmarks.run --only 9c,9d    some of them
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from benchmarks.common import Result, Skip, markdown_table, python_info, say
+
+HERE = Path(__file__).resolve().parent
+
+BENCHMARKS = {
+    "9a": "3 members × 20,000 MNIST rows vs a centralized epoch",
+    "9b": "orchestration overhead per round (from 9a's run)",
+    "9c": "FedAvg time and peak memory for K = 2 ... 64 CNN-sized updates",
+    "9d": "the coordinator with 1,000 simulated members",
+}
+
+EPILOG = """\
+benchmarks:
+  9a  A real embedded alliance (alliance.local: S3 gateway, 3 member agent processes with
+      ALLIANCE_CPU_THREADS = cores // 3, the coordinator in this process via
+      alliance.local.coordinate) on the full MNIST set from ../shared/data/mnist: each member
+      has an IID third of the 60,000 training rows and of the 10,000 test rows, so the round
+      accuracy is the accuracy on the whole test set; 1 local epoch, batch 32, FedAvg,
+      3 rounds. The members' data is parsed (cache warmed with `alliance check-data` and the
+      members' ALLIANCE_CACHE_DIR) before the run; round 1 is still shown apart because each
+      agent imports TensorFlow and builds its model on its first task. Reports each round's
+      wall time and accuracy (RunStatus history), and the mean round wall time (rounds 2-3,
+      and rounds 1-3) divided by one centralized epoch of the same model on the same 60,000
+      rows (fit + evaluation on the 10,000 test rows, default threading, own process).
+      Targets: final accuracy >= 0.988; round wall time <= 1.1 x centralized epoch.
+  9b  From 9a's run, per round: wall time - slowest member's fit - slowest validator's
+      evaluate (RoundRecord.train_seconds, .validation_seconds): the orchestration overhead.
+      Target: <= 1 s per round. (Running 9b without 9a skips the centralized epoch.)
+  9c  FedAvg of K = 2, 4, 8, 16, 32, 64 updates shaped like the base CNN (1,199,882 float32),
+      streamed from .npz files on disk through strategies.create("fedavg").aggregate, and from
+      a real S3 gateway through Coordinator.aggregate (prefetching, checks, writes the model).
+      Seconds, tracemalloc peak and RSS delta of each aggregation; the result is checked
+      against the exact weighted mean. Target: peak memory does not grow with K.
+  9d  The coordinator and engine alone, no TensorFlow: a real S3 gateway, 1,000 members
+      simulated by one child process (heartbeats, and an update or validation for each task
+      addressed to them), 3 rounds driven by Coordinator.reconcile in alliance.local's loop.
+      Per round: seconds inside reconcile (observe + step + execute, with a breakdown), the
+      round wall time, and the coordinator's time on the critical path. Target: <= 10 s of
+      orchestration per round; when over, one more round is profiled with cProfile.
+
+Results: a Markdown table on stdout (paste it into the README) and every number, with the
+per-round details, in benchmarks/results.json. Timings depend on what else the machine runs.
+"""
+
+
+def parse_only(text: str | None) -> list[str]:
+    if not text:
+        return list(BENCHMARKS)
+    chosen = []
+    for part in text.split(","):
+        key = part.strip().lower()
+        key = key if key.startswith("9") else "9" + key
+        if key not in BENCHMARKS:
+            raise SystemExit(
+                f"--only: unknown benchmark {part.strip()!r}; known: {', '.join(BENCHMARKS)}"
+            )
+        if key not in chosen:
+            chosen.append(key)
+    return [k for k in BENCHMARKS if k in chosen]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description="Run the alliance benchmarks (make bench).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--only", metavar="IDS", help="comma-separated benchmarks to run, e.g. 9a,9c (default: all)"
+    )
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        help="where the stores, member data and logs go (default: a temporary "
+        "directory, removed at the end unless --keep)",
+    )
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=HERE / "results.json",
+        help="the JSON results file (default: benchmarks/results.json)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="9d: profile one more round with cProfile even when on target",
+    )
+    p.add_argument(
+        "--members", type=int, default=1000, help="9d: number of simulated members (default 1000)"
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    selected = parse_only(args.only)
+    if args.work_dir:
+        work = args.work_dir.resolve()
+        if work.exists() and any(work.iterdir()):
+            raise SystemExit(f"--work-dir {work} is not empty; give a new or empty directory")
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="alliance-bench-"))
+    load_before = _loadavg()
+    say(
+        f"benchmarks {', '.join(selected)}; work dir {work}; {python_info()['cores']} cores; "
+        f"load average {load_before}"
+    )
+    if load_before and load_before[0] > 0.5:
+        say("note: the machine is busy; timings will be disturbed")
+    started = time.perf_counter()
+    results: list[Result] = []
+
+    if "9a" in selected or "9b" in selected:
+        from benchmarks import federated
+
+        wanted = [k for k in ("9a", "9b") if k in selected]
+        out = _guard(
+            wanted, lambda: federated.run(work / "federated", with_centralized="9a" in selected)
+        )
+        results += [r for r in out if r.bench in wanted]
+    if "9c" in selected:
+        from benchmarks import aggregation
+
+        results += _guard(["9c"], lambda: [aggregation.run(_mkdir(work / "aggregation"))])
+    if "9d" in selected:
+        from benchmarks import engine_scale
+
+        results += _guard(
+            ["9d"],
+            lambda: [
+                engine_scale.run(
+                    _mkdir(work / "engine"), members=args.members, profile=args.profile
+                )
+            ],
+        )
+
+    total = time.perf_counter() - started
+    table = markdown_table(results)
+    print("\n" + table + "\n", flush=True)
+    report = {
+        "generatedAt": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {
+            **python_info(),
+            "loadAverageBefore": load_before,
+            "loadAverageAfter": _loadavg(),
+        },
+        "selected": selected,
+        "totalSeconds": total,
+        "markdown": table,
+        "results": [r.to_dict() for r in results],
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    say(f"done in {total:.0f} s; results in {args.output}")
+    if args.keep or args.work_dir:
+        say(f"work dir kept: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return 1 if any(r.error for r in results) else 0
+
+
+def _guard(benches: list[str], fn) -> list[Result]:
+    """Run a benchmark; a skip or an error becomes a result instead of ending the run."""
+    started = time.perf_counter()
+    try:
+        out = list(fn())
+    except Skip as exc:
+        say(f"{'/'.join(benches)} skipped: {exc}")
+        return [Result(b, BENCHMARKS[b], skipped=str(exc)) for b in benches]
+    except Exception as exc:  # keep going with the other benchmarks
+        traceback.print_exc()
+        say(f"{'/'.join(benches)} failed: {exc}")
+        return [Result(b, BENCHMARKS[b], error=f"{type(exc).__name__}: {exc}") for b in benches]
+    for r in out:
+        r.seconds = time.perf_counter() - started
+    return out
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
