@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -79,12 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
     )
     sub = parser.add_subparsers(metavar="COMMAND")
+    # --log-level is accepted after the command too (`alliance member --log-level info`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"]
+    )
+
+    def add(*args, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(*args, parents=[common], **kwargs)
 
     for name, helptext in (
         ("demo", "a real federated MNIST training on the shipped sample"),
         ("run", "a federated training on this machine, from your CSV data"),
     ):
-        p = sub.add_parser(
+        p = add(
             name,
             help=helptext,
             description=helptext + ".",
@@ -97,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.set_defaults(epochs=2)
         p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser(
+    p = add(
         "member",
         help="the member agent: train and validate when asked",
         description="Run a member agent: validate the local data, then train "
@@ -117,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validate-command", help="your own validate command template")
     p.set_defaults(func=cmd_member)
 
-    p = sub.add_parser(
+    p = add(
         "coordinate",
         help="drive one run's rounds against an S3 store",
         description="Coordinate a run: publish tasks, aggregate, validate, "
@@ -136,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_coordinate)
 
-    p = sub.add_parser(
+    p = add(
         "init",
         help="initialise an alliance: bucket, model, seed weights",
         description="Create the bucket and write the model definition and the "
@@ -146,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed of the initial weights")
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser(
+    p = add(
         "check-data",
         help="validate a member's data directory",
         description="Validate DIR/train.csv and DIR/test.csv as a member agent "
@@ -157,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schema", type=Path, help="data schema YAML (default: mnist-in-csv)")
     p.set_defaults(func=cmd_check_data)
 
-    p = sub.add_parser(
+    p = add(
         "split",
         help="split a CSV dataset into member directories",
         description="Split TRAIN (and TEST) into OUT/member-1..N, IID or "
@@ -169,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     _split_arguments(p)
     p.set_defaults(func=cmd_split)
 
-    p = sub.add_parser(
+    p = add(
         "predict",
         help="label a CSV with a stored model",
         description="Predict the label of every row of INPUT with a stored "
@@ -318,14 +327,21 @@ def cmd_run(args) -> int:
     # SIGTERM takes the same orderly path as Ctrl-C: every child is stopped.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     with LocalAlliance(work) as local:
+        # The members' data is split once per dataset and split settings; a resumed run
+        # keeps the data it started with.
+        split_key = f"{data_dir.resolve()} {args.members} {args.split} {args.alpha} {args.seed}"
+        marker = work / "members" / ".split"
         member_dirs = sorted((work / "members").glob("member-*"))
-        if len(member_dirs) != args.members:
+        resuming = (args.resume or bool(args.run)) and len(member_dirs) == args.members
+        if not resuming and (not marker.exists() or marker.read_text() != split_key):
+            shutil.rmtree(work / "members", ignore_errors=True)
             train, test = _dataset_files(data_dir)
             progress.say(f"splitting {train.name} among {args.members} members ({args.split})")
             member_dirs = split_dataset(
                 train, test, work / "members", args.members, args.split, args.alpha, args.seed
             )
-        threads = max(1, (os.cpu_count() or 1) // args.members)
+            marker.write_text(split_key)
+        threads = max(1, len(os.sched_getaffinity(0)) // args.members)
         init = init_in_subprocess(
             local.env(threads), work / "logs" / "init.log", args.model, args.seed
         )
@@ -335,7 +351,8 @@ def cmd_run(args) -> int:
             f"({threads} CPU thread{'s' * (threads > 1)} each); logs in {work / 'logs'}"
         )
         (work / "last-run").write_text(run)
-        local.wait_until_started()
+        progress.say("waiting for the members to check their data and load TensorFlow")
+        local.wait_until_ready(check=lambda: _init_failed(init))
         status = coordinate(
             local.store,
             run,

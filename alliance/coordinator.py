@@ -44,6 +44,7 @@ class Coordinator:
         lost_members: Callable[[], set[str]] | None = None,
         heartbeat_timeout: float = 60.0,
         clock: Callable[[], float] = time.time,
+        member_refresh_seconds: float = 1.0,
     ):
         self.store = store
         self.run = run
@@ -52,6 +53,9 @@ class Coordinator:
         self.heartbeat_timeout = heartbeat_timeout
         self.clock = clock
         self._seed_model_id: str | None = None
+        self.member_refresh_seconds = member_refresh_seconds
+        self._listing: list = []
+        self._listed_at = -float("inf")
         self._heartbeats: dict[str, tuple[str, dict]] = {}  # member -> (etag, content)
         self._results: dict[tuple[int, str, str], dict] = {}  # (round, kind, member) -> json
 
@@ -75,10 +79,16 @@ class Coordinator:
         ready, lost = self._members(now)
         if status.round == 0 or status.phase in (engine.Phase.COMPLETED, engine.Phase.FAILED):
             return Observed(now=now, seed_model_id=self._seed(), ready=ready, lost=lost)
-        found = self.store.list_round(self.run, status.round)
+        # Each stage lists only what it waits for: at 1,000 members a LIST is not free.
+        kinds = {
+            engine.Stage.TRAINING: ("updates", "failures"),
+            engine.Stage.AGGREGATING: ("updates",),
+            engine.Stage.VALIDATING: ("validations",),
+        }[status.stage]
+        found = self.store.list_round(self.run, status.round, kinds)
         failures = {
             m: r.get("reason", "failed")
-            for m, r in self._fetch(status.round, "failures", found["failures"]).items()
+            for m, r in self._fetch(status.round, "failures", found.get("failures", set())).items()
         }
         validations = {}
         if status.stage == engine.Stage.VALIDATING:
@@ -92,7 +102,7 @@ class Coordinator:
             seed_model_id=self._seed(),
             ready=ready,
             lost=lost,
-            updates=frozenset(found["updates"]),
+            updates=frozenset(found.get("updates", ())),
             failures=failures,
             aggregate=aggregate,
             validations=validations,
@@ -105,8 +115,16 @@ class Coordinator:
         return self._seed_model_id
 
     def _members(self, now: float) -> tuple[dict[str, MemberState], frozenset[str]]:
-        """Ready and lost members from their heartbeats (content re-read only when it changed)."""
-        listing = self.store.list_heartbeats()
+        """Ready and lost members from their heartbeats (content re-read only when it changed).
+
+        The listing is refreshed at most every ``member_refresh_seconds``: heartbeats change
+        every few seconds, and what the runner or the operator knows (``lost_members``) is
+        merged on every call, so a failed member still drops out at once.
+        """
+        if time.monotonic() - self._listed_at >= self.member_refresh_seconds:
+            self._listing = self.store.list_heartbeats()
+            self._listed_at = time.monotonic()
+        listing = self._listing
         changed = [
             o for o in listing if self._heartbeats.get(_member_of(o.key), ("",))[0] != o.etag
         ]

@@ -124,6 +124,8 @@ def start_member(
             sys.executable,
             "-m",
             "alliance",
+            "--log-level",
+            "info",
             "member",
             "--name",
             name,
@@ -181,18 +183,29 @@ def coordinate(
         store, run, spec, lost_members=lost_members, heartbeat_timeout=heartbeat_timeout
     )
     status = load_status(store, run) or RunStatus()
-    last = status.to_dict()
+    shown = saved = status.to_dict()
+    saved_at = time.monotonic()
     on_change(status)
     while status.phase not in (Phase.COMPLETED, Phase.FAILED):
         status = coordinator.reconcile(status)
         current = status.to_dict()
-        if current != last:
-            store.put_json(f"runs/{run}/status.json", current)
-            last = current
+        if current != shown:
             on_change(status)
-        else:
+            shown = current
+        # Every decision is persisted at once; a change of the progress message alone (one
+        # more member answered) at most once a second: it carries nothing a resume needs.
+        if _without_message(current) != _without_message(saved) or (
+            current != saved and time.monotonic() - saved_at >= 1.0
+        ):
+            store.put_json(f"runs/{run}/status.json", current)
+            saved, saved_at = current, time.monotonic()
+        if status.phase not in (Phase.COMPLETED, Phase.FAILED):
             time.sleep(poll_seconds)
     return status
+
+
+def _without_message(status: dict) -> dict:
+    return {k: v for k, v in status.items() if k != "message"}
 
 
 def init_in_subprocess(
@@ -252,22 +265,24 @@ class LocalAlliance:
                 )
             )
 
-    def wait_until_started(self, timeout: float = 60.0) -> None:
-        """Wait for every member to announce itself, so that a resumed run does not take
-        the "stopped" heartbeat of a member's previous process for a member that is gone."""
+    def wait_until_ready(
+        self, timeout: float = 300.0, check: Callable[[], object] = lambda: None
+    ) -> None:
+        """Wait until every started member is ready (data checked, TensorFlow and the model
+        loaded) or has said its data is invalid, so round 1 asks all of them, and a resumed
+        run does not mistake the "stopped" heartbeat of a member's previous process for a
+        member that is gone. ``check`` is called on every poll and may raise to give up."""
         names = {m.name for m in self.members}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not self.lost():
+            check()
             beats = {
-                o.key.rsplit("/", 1)[-1].removesuffix(".json"): o
-                for o in self.store.list_heartbeats()
+                o.key.rsplit("/", 1)[-1].removesuffix(".json") for o in self.store.list_heartbeats()
             }
-            states = {
-                n: (self.store.get_json(beats[n].key) or {}).get("state")
-                for n in names
-                if n in beats
-            }
-            if len(states) == len(names) and "stopped" not in states.values():
+            states = [
+                (self.store.get_json(f"members/{n}.json") or {}).get("state") for n in names & beats
+            ]
+            if len(states) == len(names) and set(states) <= {"ready", "invalid"}:
                 return
             time.sleep(0.1)
 

@@ -76,41 +76,62 @@ class Agent:
 
     def run(self) -> None:
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
-        beat.start()
         try:
             self._publish_state({"state": "starting"})
-            while not self._stop.is_set():
-                if self._check_data():
-                    break
-                self._stop.wait(5.0)  # data invalid: wait for the member to fix it
+            beat.start()
+            summary = None
+            while summary is None and not self._stop.is_set():
+                summary = self._check_data()
+                if summary is None:
+                    self._stop.wait(5.0)  # data invalid: wait for the member to fix it
+            if summary is not None:
+                # TensorFlow and the model are loaded before the member says it is ready, so
+                # the first round does not wait for them.
+                try:
+                    self.trainer()
+                except TaskError:  # stopped while waiting for the alliance
+                    return
+                self._publish_state(summary)
             idle = 0
             while not self._stop.is_set():
                 did = self.poll_once()
                 idle = 0 if did else idle + 1
-                # Fast polling right after work (the next stage follows within a second),
-                # slower when nothing has happened for a while.
-                wait = self.config.poll_seconds if idle < 50 else self.config.idle_poll_seconds
-                self._stop.wait(wait)
+                # Fast polling while a run counts on this member (its next stage follows
+                # within a second); slow when no run has asked for it for a while.
+                fast = idle < 50 or self._asked()
+                self._stop.wait(self.config.poll_seconds if fast else self.config.idle_poll_seconds)
         finally:
-            self._publish_state({**self._state, "state": "stopped"})
+            self._stop.set()
+            beat.join(timeout=2.0)
+            try:  # best effort: a store that is down must not keep the member from stopping
+                self.store.with_retry(3.0).put_heartbeat(
+                    self.name, {**self._state, "state": "stopped"}
+                )
+            except StoreError as exc:
+                log.warning("could not publish the stopped state: %s", exc)
+
+    def _asked(self) -> bool:
+        return any(self.name in task["members"] for _, task in self._tasks.values())
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.config.heartbeat_seconds):
             try:
                 with self._state_lock:
-                    self.store.put_heartbeat(self.name, self._state)
+                    state = self._state
+                self.store.with_retry(self.config.heartbeat_seconds).put_heartbeat(self.name, state)
             except StoreError as exc:
                 log.warning("heartbeat failed: %s", exc)
 
     def _publish_state(self, state: dict) -> None:
         with self._state_lock:
             self._state = state
-            self.store.put_heartbeat(self.name, state)
+        self.store.put_heartbeat(self.name, state)
 
     # --- data -------------------------------------------------------------------------------
 
-    def _check_data(self) -> bool:
-        """Validate the local data before taking any work; publish the summary or the error."""
+    def _check_data(self) -> dict | None:
+        """Validate the local data before taking any work: the ready state, or None after
+        publishing the exact error."""
         try:
             summary = data_mod.validate_data_dir(
                 self.config.data_dir, self.config.schema, cache_dir=self.config.cache_dir
@@ -118,17 +139,14 @@ class Agent:
         except DataError as exc:
             log.error("data invalid: %s", exc)
             self._publish_state({"state": "invalid", "error": exc.to_dict(), "message": str(exc)})
-            return False
-        self._publish_state(
-            {
-                "state": "ready",
-                "trainRows": summary.train_rows,
-                "testRows": summary.test_rows,
-                "schema": self.config.schema.to_dict(),
-            }
-        )
+            return None
         log.info("data ready: %d train rows, %d test rows", summary.train_rows, summary.test_rows)
-        return True
+        return {
+            "state": "ready",
+            "trainRows": summary.train_rows,
+            "testRows": summary.test_rows,
+            "schema": self.config.schema.to_dict(),
+        }
 
     def trainer(self) -> Trainer:
         if self._trainer is None:

@@ -26,6 +26,7 @@ down for a while delays the platform instead of failing it.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import logging
@@ -161,18 +162,25 @@ class Store:
                 InvalidResponseError,
             ) as exc:
                 error = exc
-            if time.monotonic() + delay > deadline:
+            pause = delay * (0.5 + random.random())  # jitter: members do not retry in step
+            if time.monotonic() + pause > deadline:
                 raise StoreError(
                     f"{what}: the store at {self.config.endpoint} did not answer for "
                     f"{self.retry_seconds:.0f} s ({error})"
                 ) from error
-            log.warning("%s: %s; retrying in %.1f s", what, error, delay)
-            time.sleep(delay * (0.5 + random.random()))
+            log.warning("%s: %s; retrying in %.1f s", what, error, pause)
+            time.sleep(pause)
             delay = min(delay * 2, 5.0)
 
     def map(self, fn: Callable[[Any], T], items: Iterable[Any]) -> list[T]:
         """Run ``fn`` over items concurrently (store calls are I/O bound)."""
         return list(self._pool.map(fn, items))
+
+    def with_retry(self, seconds: float) -> Store:
+        """The same store (same connections) with another retry budget."""
+        clone = copy.copy(self)
+        clone.retry_seconds = seconds
+        return clone
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future:
         return self._pool.submit(fn, *args)
@@ -366,15 +374,19 @@ class Store:
         """kind: "failures" or "validations"."""
         self.put_json(round_prefix(run, round_) + f"{kind}/{member}.json", result)
 
-    def list_round(self, run: str, round_: int) -> dict[str, set[str]]:
-        """What has arrived for a round: {"updates"|"failures"|"validations": {member, ...}}."""
+    def list_round(
+        self, run: str, round_: int, kinds: tuple[str, ...] = ("updates", "failures", "validations")
+    ) -> dict[str, set[str]]:
+        """Who has answered in a round, for each kind asked ("updates", "failures",
+        "validations"): one LIST per kind, so a stage does not re-list the others."""
         prefix = round_prefix(run, round_)
-        found: dict[str, set[str]] = {"updates": set(), "failures": set(), "validations": set()}
-        for obj in self.list(prefix):
-            kind, _, name = obj.key[len(prefix) :].partition("/")
-            if kind in found and name:
-                found[kind].add(name.rsplit(".", 1)[0])
-        return found
+        return {
+            kind: {
+                o.key[len(prefix) + len(kind) + 1 :].rsplit(".", 1)[0]
+                for o in self.list(f"{prefix}{kind}/")
+            }
+            for kind in kinds
+        }
 
     def get_round_json(self, run: str, round_: int, name: str) -> dict | None:
         return self.get_json(round_prefix(run, round_) + name)

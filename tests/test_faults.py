@@ -257,7 +257,9 @@ def _replace_cell(path, line: int, column: int, value: str) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def test_bad_csv_files_give_their_exact_error_and_a_fixed_file_makes_the_member_ready(tmp_path):
+def test_bad_csv_files_give_their_exact_error_and_a_fixed_file_makes_the_member_ready(
+    tmp_path, seed
+):
     base = tmp_path / "bad"
     dirs = {f"member-{i}": base / f"member-{i}" for i in range(1, 5)}
     good = {}
@@ -323,6 +325,7 @@ def test_bad_csv_files_give_their_exact_error_and_a_fixed_file_makes_the_member_
         "member-4": f"{d4}/train.csv: missing-file: " + expected["member-4"]["message"],
     }
     with Alliance(tmp_path / "work") as a:
+        a.adopt(*seed)  # a member loads the alliance's model before it says it is ready
         for name, d in dirs.items():
             a.start_member(name, d)
         checks = {
@@ -340,7 +343,7 @@ def test_bad_csv_files_give_their_exact_error_and_a_fixed_file_makes_the_member_
         # Fixed files: each member re-checks (every 5 s) and becomes ready, no restart needed.
         for name, (file, content) in good.items():
             (dirs[name] / file).write_text(content)
-        beats = a.wait_states(dict.fromkeys(dirs, "ready"), timeout=60)
+        beats = a.wait_states(dict.fromkeys(dirs, "ready"), timeout=120)
         for name, beat in beats.items():
             assert beat == {
                 "state": "ready",
