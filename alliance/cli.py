@@ -56,11 +56,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from alliance.data import DataError
     from alliance.engine import SpecError
+    from alliance.s3server import S3ServerError
     from alliance.store import StoreError
+    from alliance.trainers import TaskError
 
+    expected = (DataError, SpecError, StoreError, S3ServerError, TaskError, ValueError, OSError)
     try:
         return args.func(args)
-    except (DataError, SpecError, StoreError, ValueError, FileNotFoundError) as exc:
+    except expected as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -280,20 +283,35 @@ def _schema(path: Path | None):
 
 
 def _dataset_files(data_dir: Path) -> tuple[Path, Path | None]:
-    from alliance.data import find_data_file
+    from alliance.data import DataError, find_data_file
 
     train = find_data_file(data_dir, "train")
     try:
         test = find_data_file(data_dir, "test")
-    except Exception:
+    except DataError:  # no test split: the members will not validate
         test = None
     return train, test
+
+
+def _load_spec(path: Path) -> dict:
+    """A run spec YAML file; errors name the file, line and column."""
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if spec is None:
+        return {}
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: a run spec is a mapping of fields, got {type(spec).__name__}")
+    return spec
 
 
 def _run_spec(args) -> dict:
     spec: dict = {}
     if args.spec:
-        spec = yaml.safe_load(args.spec.read_text()) or {}
+        spec = _load_spec(args.spec)
     spec.update(
         {
             "rounds": args.rounds,
@@ -494,7 +512,7 @@ def cmd_coordinate(args) -> int:
     from alliance.engine import RunSpec
     from alliance.local import coordinate
 
-    spec = RunSpec.from_dict(yaml.safe_load(args.spec.read_text()) if args.spec else {})
+    spec = RunSpec.from_dict(_load_spec(args.spec) if args.spec else {})
     store = _store()
     progress = Progress(spec, args.run)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
