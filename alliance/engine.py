@@ -346,8 +346,7 @@ def _training(spec: RunSpec, status: RunStatus, obs: Observed):
     record = status.current
     if waiting and not late:
         status.message = (
-            f"round {status.round}: {len(updated)} of {len(selected)} updates, "
-            f"waiting for {len(waiting)}"
+            f"round {status.round}: training, {len(updated)} of {len(selected)} updates in"
         )
         return status, []
     record.failed = dict(sorted(failed.items()))
@@ -416,8 +415,7 @@ def _validating(spec: RunSpec, status: RunStatus, obs: Observed):
     late = obs.now >= status.stage_started_at + spec.validation_deadline_seconds
     if waiting and not late:
         status.message = (
-            f"round {status.round}: {len(done)} of {len(validators)} "
-            f"validations, waiting for {len(waiting)}"
+            f"round {status.round}: validating, {len(done)} of {len(validators)} scores in"
         )
         return status, []
     record = status.current

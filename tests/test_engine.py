@@ -66,7 +66,7 @@ def test_waits_until_every_selected_member_answers():
     status, _ = started(spec)
     status, actions = step(spec, status, obs(5, updates=frozenset({"a", "b"})))
     assert actions == [] and status.stage == Stage.TRAINING
-    assert status.message == "round 1: 2 of 3 updates, waiting for 1"
+    assert status.message == "round 1: training, 2 of 3 updates in"
 
 
 def test_all_answered_aggregates_at_once():
