@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory with train.csv and test.csv (optionally .gz)",
     )
     p.add_argument("--schema", type=Path, help="data schema YAML (default: mnist-in-csv)")
+    p.add_argument(
+        "--validator",
+        action="store_true",
+        help="only score each round's model on DIR/test.csv (a global test set); never train",
+    )
     p.add_argument("--train-command", help="your own train command template")
     p.add_argument("--validate-command", help="your own validate command template")
     p.set_defaults(func=cmd_member)
@@ -342,8 +347,7 @@ def cmd_run(args) -> int:
     run = _pick_run_name(work, args)
     progress = Progress(spec, run)
     started = time.perf_counter()
-    # SIGTERM takes the same orderly path as Ctrl-C: every child is stopped.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)
     with LocalAlliance(work) as local:
         # The members' data is split once per dataset and split settings; a resumed run
         # keeps the data it started with.
@@ -381,6 +385,11 @@ def cmd_run(args) -> int:
         init.wait()
     progress.done(status, time.perf_counter() - started, work)
     return 0 if status.phase == "Completed" else 1
+
+
+def _interrupt(*_) -> None:
+    """SIGTERM takes the same orderly path as Ctrl-C: every child process is stopped."""
+    raise KeyboardInterrupt
 
 
 def _init_failed(init) -> set[str]:
@@ -500,6 +509,7 @@ def cmd_member(args) -> int:
             train_command=args.train_command,
             validate_command=args.validate_command,
             cache_dir=Path(cache) if cache else None,
+            validator=args.validator,
         ),
     )
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
@@ -515,7 +525,7 @@ def cmd_coordinate(args) -> int:
     spec = RunSpec.from_dict(_load_spec(args.spec) if args.spec else {})
     store = _store()
     progress = Progress(spec, args.run)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)
     status = coordinate(
         store, args.run, spec, on_change=progress.update, heartbeat_timeout=args.heartbeat_timeout
     )

@@ -472,14 +472,20 @@ def validate_data_dir(
     schema: DataSchema | Mapping | None = None,
     require_test: bool = False,
     cache_dir: str | os.PathLike | None = None,
+    require_train: bool = True,
 ) -> DataSummary:
-    """Validate ``train`` (required) and ``test`` (if present, or if ``require_test``).
+    """Validate ``train`` (required unless ``require_train`` is False: a validator that only
+    scores models has only ``test``) and ``test`` (if present, or if ``require_test``).
 
     The files are loaded through the cache, so a later :func:`load_split` costs nothing.
     """
     schema = _coerce_schema(schema)
-    train = load_split(data_dir, "train", schema, cache_dir)
-    files = {"train": str(train.path)}
+    files: dict[str, str] = {}
+    labels = np.zeros(0, dtype=np.int64)
+    if require_train:
+        train = load_split(data_dir, "train", schema, cache_dir)
+        files["train"] = str(train.path)
+        labels = train.y
     test_rows = 0
     try:
         test_path = find_data_file(data_dir, "test")
@@ -490,9 +496,9 @@ def validate_data_dir(
         test = load_split(data_dir, "test", schema, cache_dir)
         files["test"] = str(test_path)
         test_rows = len(test)
-    counts = np.bincount(train.y, minlength=schema.num_classes)
+    counts = np.bincount(labels, minlength=schema.num_classes)
     return DataSummary(
-        train_rows=len(train),
+        train_rows=len(labels),
         test_rows=test_rows,
         label_counts={i: int(c) for i, c in enumerate(counts)},
         files=files,

@@ -300,13 +300,20 @@ def _start(spec: RunSpec, status: RunStatus, obs: Observed):
     if obs.seed_model_id is None:
         status.message = "waiting for the alliance's seed model"
         return status, []
-    if len(obs.ready) < spec.min_members:
-        status.message = f"waiting for members: {len(obs.ready)} of {spec.min_members} ready"
+    if len(trainers(obs.ready)) < spec.min_members:
+        status.message = (
+            f"waiting for members: {len(trainers(obs.ready))} of {spec.min_members} ready"
+        )
         return status, []
     status.phase = Phase.RUNNING
     status.started_at = obs.now
     status.model_id = obs.seed_model_id
     return _start_round(spec, status, obs, 1)
+
+
+def trainers(ready: dict[str, MemberState]) -> list[str]:
+    """Ready members with training data (validators hold only a test set)."""
+    return sorted(name for name, member in ready.items() if member.train_rows > 0)
 
 
 def select_members(spec: RunSpec, ready: list[str], round_: int) -> list[str]:
@@ -318,7 +325,7 @@ def select_members(spec: RunSpec, ready: list[str], round_: int) -> list[str]:
 
 
 def _start_round(spec: RunSpec, status: RunStatus, obs: Observed, round_: int):
-    selected = select_members(spec, list(obs.ready), round_)
+    selected = select_members(spec, trainers(obs.ready), round_)
     if len(selected) < spec.min_members:
         return _fail(
             status,

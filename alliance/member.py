@@ -53,6 +53,7 @@ class AgentConfig:
     idle_poll_seconds: float = 2.0
     heartbeat_seconds: float = 5.0
     cache_dir: Path | None = None
+    validator: bool = False  # only test.csv: scores each round's model, never trains
 
 
 class Agent:
@@ -134,7 +135,11 @@ class Agent:
         publishing the exact error."""
         try:
             summary = data_mod.validate_data_dir(
-                self.config.data_dir, self.config.schema, cache_dir=self.config.cache_dir
+                self.config.data_dir,
+                self.config.schema,
+                cache_dir=self.config.cache_dir,
+                require_train=not self.config.validator,
+                require_test=self.config.validator,
             )
         except DataError as exc:
             log.error("data invalid: %s", exc)
@@ -150,7 +155,7 @@ class Agent:
 
     def trainer(self) -> Trainer:
         if self._trainer is None:
-            if self.config.train_command:
+            if self.config.train_command or self.config.validate_command:
                 self._trainer = CommandTrainer(
                     self.config.data_dir, self.config.train_command, self.config.validate_command
                 )

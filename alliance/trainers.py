@@ -60,16 +60,16 @@ class KerasTrainer:
         self.data_dir = Path(data_dir)
         self.schema = schema
         self.cache_dir = cache_dir
-        self._loaded_id: int | None = None
+        self._loaded: list | None = None  # the arrays the model holds now
 
     def _data(self, split: str):
         return load_split(self.data_dir, split, self.schema, cache_dir=self.cache_dir)
 
     def _set(self, arrays: list[np.ndarray]) -> None:
         # Skip the copy into the model when it already holds exactly these arrays.
-        if self._loaded_id != id(arrays):
+        if self._loaded is not arrays:
             self.model.set_weights(arrays)
-            self._loaded_id = id(arrays)
+            self._loaded = arrays
 
     def train(self, arrays, epochs, batch_size):
         train = self._data("train")
@@ -79,7 +79,7 @@ class KerasTrainer:
             train.x, train.y, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0
         )
         seconds = time.perf_counter() - started
-        self._loaded_id = None
+        self._loaded = None
         hist = history.history
         return self.model.get_weights(), {
             "numExamples": len(train),

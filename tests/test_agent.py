@@ -103,6 +103,40 @@ def test_members_own_commands_train_and_validate(alliance, tmp_path):
     assert store.get_json("members/a.json")["state"] == "stopped"
 
 
+def test_a_validator_holds_only_a_test_set_and_never_trains(alliance, tmp_path):
+    store, _ = alliance
+    trainer = start_agent(store, tmp_path, "a")
+    data = tmp_path / "v"
+    write_rows(data / "test.csv", 4)
+    script = tmp_path / "validate.py"
+    script.write_text(VALIDATE)
+    validator = Agent(
+        store,
+        AgentConfig(
+            name="v",
+            data_dir=data,
+            cache_dir=tmp_path / "cache",
+            poll_seconds=0.05,
+            validator=True,
+            validate_command=f"{sys.executable} {script} {{model_in}} {{metrics_out}}",
+        ),
+    )
+    thread = threading.Thread(target=validator.run, daemon=True)
+    thread.start()
+    try:
+        wait_ready(store, ["a", "v"])
+        assert store.get_json("members/v.json")["trainRows"] == 0
+        status = drive(store, RunSpec(rounds=1, min_members=1))
+    finally:
+        for agent, t in (trainer, (validator, thread)):
+            agent.stop()
+            t.join(10)
+    assert status.phase == Phase.COMPLETED, status.message
+    record = status.history[0]
+    assert record.members == ["a"] and record.validators == 2
+    assert store.list_round("run", 1)["validations"] == {"a", "v"}
+
+
 def test_a_failing_command_is_reported_with_its_stderr(alliance, tmp_path):
     store, _ = alliance
     good = start_agent(store, tmp_path, "a")

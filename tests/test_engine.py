@@ -229,3 +229,16 @@ def test_spec_from_camel_case():
     )
     assert (spec.rounds, spec.local_epochs, spec.round_deadline_seconds) == (5, 2, 30.0)
     assert RunSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_validators_without_training_data_only_validate():
+    spec = RunSpec(min_members=2)
+    members = {**ready(*M3), "v": MemberState("v", train_rows=0, test_rows=10_000)}
+    status, actions = step(spec, RunStatus(), obs(0, ready=members))
+    assert actions[0].members == M3  # v never trains
+    status, _ = step(spec, status, obs(5, ready=members, updates=frozenset(M3)))
+    result = AggregateResult("m1", None, M3, {}, 3000, 0.5, 4.0)
+    status, actions = step(spec, status, obs(6, ready=members, aggregate=result))
+    assert actions[0].kind == TaskKind.VALIDATE and actions[0].members == (*M3, "v")
+    status, _ = step(spec, RunStatus(), obs(0, ready={"v": members["v"], "a": members["a"]}))
+    assert status.message == "waiting for members: 1 of 2 ready"
