@@ -224,8 +224,22 @@ class Store:
         self.put_bytes(key, json.dumps(obj, sort_keys=True).encode(), "application/json")
 
     def get_json(self, key: str) -> Any | None:
-        data = self.get_bytes(key)
-        return None if data is None else json.loads(data)
+        """A JSON object, or None when it does not exist.
+
+        Objects such as a run's task and status are overwritten in place, and a gateway may
+        serve a read that overlaps a write cut short (seen with the JuiceFS gateway). Such a
+        torn read does not parse; it is read again.
+        """
+        for attempt in range(10):
+            data = self.get_bytes(key)
+            if data is None:
+                return None
+            try:
+                return json.loads(data)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                error = exc
+                time.sleep(0.02 * (attempt + 1))
+        raise StoreError(f"{key}: not valid JSON ({error})")
 
     def exists(self, key: str) -> bool:
         try:

@@ -116,3 +116,22 @@ def test_outage_longer_than_the_budget_is_a_clear_error(tmp_path):
     with pytest.raises(StoreError, match="did not answer for 1 s"):
         store.get_json("k.json")
     server.stop()
+
+
+def test_a_torn_json_read_is_read_again(store, monkeypatch):
+    store.put_json("s.json", {"round": 2})
+    real = store.get_bytes
+    answers = iter([b'{"round": ', None])
+
+    def flaky(key):
+        torn = next(answers)
+        return torn if torn is not None else real(key)
+
+    monkeypatch.setattr(store, "get_bytes", flaky)
+    assert store.get_json("s.json") == {"round": 2}
+
+
+def test_json_that_stays_invalid_is_a_clear_error(store):
+    store.put_bytes("bad.json", b"{not json")
+    with pytest.raises(StoreError, match=r"bad\.json: not valid JSON"):
+        store.get_json("bad.json")
