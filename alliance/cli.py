@@ -222,7 +222,7 @@ def _split_arguments(p: argparse.ArgumentParser) -> None:
         default=0.5,
         help="Dirichlet concentration; smaller is more skewed (default 0.5)",
     )
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
 
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:
@@ -234,14 +234,13 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
         "10,000 train and 2,000 test rows)",
     )
     _split_arguments(p)
-    p.add_argument("--rounds", type=int, default=3, help="training rounds (default 3)")
+    p.add_argument("--rounds", type=int, help="training rounds (default 3)")
     p.add_argument(
-        "--epochs", type=int, default=1, help="local epochs per round (default: 1; the demo's is 2)"
+        "--epochs", type=int, help="local epochs per round (default: 1; the demo's is 2)"
     )
-    p.add_argument("--batch-size", type=int, default=32, help="(default 32)")
+    p.add_argument("--batch-size", type=int, help="(default 32)")
     p.add_argument(
         "--aggregator",
-        default="fedavg",
         help="fedavg, fedadam, fedyogi, fedadagrad, median, trimmedmean",
     )
     p.add_argument(
@@ -252,7 +251,7 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
         help="an aggregator parameter, e.g. serverLearningRate=0.01 (repeatable)",
     )
     p.add_argument(
-        "--members-per-round", type=int, default=0, help="members asked each round (default 0: all)"
+        "--members-per-round", type=int, help="members asked each round (default 0: all)"
     )
     p.add_argument(
         "--min-members",
@@ -263,7 +262,6 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--round-deadline",
         type=float,
-        default=600.0,
         help="seconds a round waits for stragglers (default 600)",
     )
     p.add_argument("--spec", type=Path, help="a run spec YAML; flags given override it")
@@ -317,22 +315,23 @@ def _run_spec(args) -> dict:
     spec: dict = {}
     if args.spec:
         spec = _load_spec(args.spec)
-    spec.update(
-        {
-            "rounds": args.rounds,
-            "localEpochs": args.epochs,
-            "batchSize": args.batch_size,
-            "aggregator": args.aggregator,
-            "membersPerRound": args.members_per_round,
-            "roundDeadlineSeconds": args.round_deadline,
-            "seed": args.seed,
-        }
-    )
+    # Flags given on the command line override the spec file; the rest keep its values, or
+    # the defaults of RunSpec.
+    flags = {
+        "rounds": args.rounds,
+        "localEpochs": args.epochs,
+        "batchSize": args.batch_size,
+        "aggregator": args.aggregator,
+        "membersPerRound": args.members_per_round,
+        "roundDeadlineSeconds": args.round_deadline,
+        "seed": args.seed,
+    }
+    spec.update({k: v for k, v in flags.items() if v is not None})
     if args.param:
         spec["aggregatorParams"] = {
             k: yaml.safe_load(v) for k, _, v in (p.partition("=") for p in args.param)
         }
-    asked = args.members_per_round or args.members
+    asked = spec.get("membersPerRound") or args.members
     spec["minMembers"] = args.min_members or spec.get("minMembers") or asked // 2 + 1
     return spec
 
@@ -342,6 +341,7 @@ def cmd_run(args) -> int:
     from alliance.local import LocalAlliance, coordinate, init_in_subprocess, split_dataset
 
     spec = RunSpec.from_dict(_run_spec(args))
+    seed = spec.seed
     work = args.work_dir.resolve()
     data_dir = args.data_dir or SAMPLE_DIR
     run = _pick_run_name(work, args)
@@ -351,7 +351,7 @@ def cmd_run(args) -> int:
     with LocalAlliance(work) as local:
         # The members' data is split once per dataset and split settings; a resumed run
         # keeps the data it started with.
-        split_key = f"{data_dir.resolve()} {args.members} {args.split} {args.alpha} {args.seed}"
+        split_key = f"{data_dir.resolve()} {args.members} {args.split} {args.alpha} {seed}"
         marker = work / "members" / ".split"
         member_dirs = sorted((work / "members").glob("member-*"))
         resuming = (args.resume or bool(args.run)) and len(member_dirs) == args.members
@@ -360,13 +360,11 @@ def cmd_run(args) -> int:
             train, test = _dataset_files(data_dir)
             progress.say(f"splitting {train.name} among {args.members} members ({args.split})")
             member_dirs = split_dataset(
-                train, test, work / "members", args.members, args.split, args.alpha, args.seed
+                train, test, work / "members", args.members, args.split, args.alpha, seed
             )
             marker.write_text(split_key)
         threads = max(1, len(os.sched_getaffinity(0)) // args.members)
-        init = init_in_subprocess(
-            local.env(threads), work / "logs" / "init.log", args.model, args.seed
-        )
+        init = init_in_subprocess(local.env(threads), work / "logs" / "init.log", args.model, seed)
         local.start_members(member_dirs, threads)
         progress.say(
             f"S3 store at {local.server.endpoint}; {args.members} members starting "
@@ -563,7 +561,7 @@ def cmd_split(args) -> int:
     from alliance.local import split_dataset
 
     dirs = split_dataset(
-        args.train, args.test, args.out, args.members, args.split, args.alpha, args.seed
+        args.train, args.test, args.out, args.members, args.split, args.alpha, args.seed or 0
     )
     for d in dirs:
         print(d)

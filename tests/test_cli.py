@@ -176,3 +176,17 @@ def test_the_readme_demo_reaches_97_percent(tmp_path):
     accuracy = float(re.search(r"final test accuracy: ([\d.]+)", result.stdout).group(1))
     assert accuracy >= 0.97, result.stdout
     print(f"demo: accuracy {accuracy:.4f} in {time.monotonic() - started:.0f} s")
+
+
+def test_flags_override_the_spec_file_and_the_rest_keeps_its_values(tmp_path):
+    from alliance.cli import _run_spec, build_parser
+    from alliance.engine import RunSpec
+
+    spec_file = tmp_path / "run.yaml"
+    spec_file.write_text("rounds: 10\nlocalEpochs: 3\naggregator: median\nseed: 7\n")
+    args = build_parser().parse_args(["run", "--spec", str(spec_file), "--epochs", "4"])
+    spec = RunSpec.from_dict(_run_spec(args))
+    assert (spec.rounds, spec.local_epochs, spec.aggregator, spec.seed) == (10, 4, "median", 7)
+    assert spec.min_members == 2  # a majority of the 3 members
+    demo = RunSpec.from_dict(_run_spec(build_parser().parse_args(["demo"])))
+    assert (demo.rounds, demo.local_epochs, demo.batch_size) == (3, 2, 32)
