@@ -29,14 +29,17 @@ from alliance.trainers import CommandTrainer, KerasTrainer, TaskError, Trainer
 log = logging.getLogger(__name__)
 
 
-def cpu_threads() -> int:
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def cpu_threads(cpu_max: Path = CGROUP_CPU_MAX) -> int:
     """This member's CPU share: ALLIANCE_CPU_THREADS, else the cgroup CPU limit, else all."""
     if os.environ.get("ALLIANCE_CPU_THREADS"):
         return max(1, int(os.environ["ALLIANCE_CPU_THREADS"]))
     try:  # cgroup v2: "max 100000" or "<quota> <period>"; a pod's CPU limit lands here
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        quota, period = cpu_max.read_text().split()
         if quota != "max":
-            return max(1, int(int(quota) / int(period)))
+            return max(1, int(quota) // int(period))
     except (OSError, ValueError):
         pass
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

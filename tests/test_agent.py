@@ -1,5 +1,6 @@
 """The member agent with the member's own commands (no TensorFlow), against a real store."""
 
+import os
 import sys
 import threading
 import time
@@ -205,8 +206,14 @@ def test_a_restarted_member_does_not_redo_a_stored_update(alliance, tmp_path):
     assert meta == {"numExamples": 1, "sha256": meta["sha256"]}
 
 
-def test_cpu_threads_follow_the_environment(monkeypatch):
+def test_cpu_threads_follow_the_environment_then_the_pods_cpu_limit(monkeypatch, tmp_path):
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("250000 100000\n")  # a pod with limits.cpu: 2.5
     monkeypatch.setenv("ALLIANCE_CPU_THREADS", "3")
-    assert cpu_threads() == 3
+    assert cpu_threads(cpu_max) == 3
     monkeypatch.delenv("ALLIANCE_CPU_THREADS")
-    assert cpu_threads() >= 1
+    assert cpu_threads(cpu_max) == 2
+    cpu_max.write_text("50000 100000\n")  # half a core: still one thread
+    assert cpu_threads(cpu_max) == 1
+    cpu_max.write_text("max 100000\n")  # no limit: every core this process may use
+    assert cpu_threads(cpu_max) == len(os.sched_getaffinity(0))
