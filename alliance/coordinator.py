@@ -58,6 +58,9 @@ class Coordinator:
         self._listed_at = -float("inf")
         self._heartbeats: dict[str, tuple[str, dict]] = {}  # member -> (etag, content)
         self._results: dict[tuple[int, str, str], dict] = {}  # (round, kind, member) -> json
+        # The global model this coordinator last wrote: the next round aggregates onto it, so
+        # it is kept rather than downloaded and parsed again.
+        self._last_model: tuple[str, list] | None = None
 
     # --- one reconcile ----------------------------------------------------------------------
 
@@ -185,13 +188,24 @@ class Coordinator:
         elif isinstance(action, Finish):
             self.store.delete_task(self.run)
 
+    def _model(self, model_id: str) -> list:
+        if self._last_model is not None and self._last_model[0] == model_id:
+            return self._last_model[1]
+        return self.store.get_model(model_id)
+
+    def _remember(self, model_id: str, arrays: list) -> str:
+        for a in arrays:  # shared with the next aggregation: it must equal the stored bytes
+            a.flags.writeable = False
+        self._last_model = (model_id, arrays)
+        return model_id
+
     def aggregate(self, action: Aggregate) -> AggregateResult:
         """Aggregate a round's updates once; a repeat returns the stored result."""
         saved = self.store.get_round_json(self.run, action.round, "aggregate.json")
         if saved is not None:
             return AggregateResult.from_dict(saved)
         started = time.perf_counter()
-        base = self.store.get_model(action.base_model_id)
+        base = self._model(action.base_model_id)
         state = (
             self.store.get_model(action.optimizer_state_id) if action.optimizer_state_id else None
         )
@@ -232,7 +246,7 @@ class Coordinator:
             total = sum(m["numExamples"] for m in metas)
             losses = [(m["loss"], m["numExamples"]) for m in metas if m.get("loss") is not None]
             result = AggregateResult(
-                model_id=self.store.put_model(new_weights),
+                model_id=self._remember(self.store.put_model(new_weights), new_weights),
                 optimizer_state_id=self.store.put_model(new_state) if new_state else None,
                 accepted=tuple(accepted),
                 rejected=rejected,
