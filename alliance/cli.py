@@ -241,7 +241,7 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="(default 32)")
     p.add_argument(
         "--aggregator",
-        help="fedavg, fedadam, fedyogi, fedadagrad, median, trimmedmean",
+        help="fedavg, fedavgm, fedadam, fedyogi, fedadagrad, median, trimmedmean",
     )
     p.add_argument(
         "--param",

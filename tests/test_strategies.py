@@ -12,6 +12,7 @@ from alliance.strategies import (
     FedAdagrad,
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedYogi,
     Median,
     Strategy,
@@ -126,6 +127,33 @@ def test_dtype_is_preserved(name):
 def test_fedavg_float64_stays_float64():
     new, _ = FedAvg().aggregate([np.zeros(1, np.float64)], [up("a", 1, [1.0])], None)
     assert new[0].dtype == np.float64
+
+
+# --- FedAvgM -------------------------------------------------------------------------------
+
+
+def test_fedavgm_two_rounds():
+    s = FedAvgM()  # serverLearningRate 1.0, serverMomentum 0.9
+    # Round 1: x = [1, 2]; mean of [2, 4] and [4, 4] (1 example each) = [3, 4];
+    # delta = [2, 2]; v = 0.9*0 + [2, 2] = [2, 2]; x = [1, 2] + 1.0*[2, 2] = [3, 4].
+    x, state = s.aggregate([f32(1, 2)], [up("a", 1, [2, 4]), up("b", 1, [4, 4])], None)
+    assert values(x) == [[3.0, 4.0]] and values(state) == [[2.0, 2.0]]
+    # Round 2: mean [6, 6]; delta = [3, 2]; v = 0.9*[2, 2] + [3, 2] = [4.8, 3.8];
+    # x = [3, 4] + [4.8, 3.8] = [7.8, 7.8].
+    x, state = s.aggregate(x, [up("a", 1, [6, 6])], state)
+    np.testing.assert_allclose(x[0], [7.8, 7.8], rtol=1e-6)
+    np.testing.assert_allclose(state[0], [4.8, 3.8], rtol=1e-6)
+
+
+def test_fedavgm_without_momentum_is_fedavg():
+    ups = lambda: [up("a", 1, [2, 4]), up("b", 3, [6, 8])]  # noqa: E731
+    # FedAvg: (2*1 + 6*3)/4 = 5, (4*1 + 8*3)/4 = 7
+    x, _ = FedAvgM(serverMomentum=0.0).aggregate([f32(1, 2)], ups(), None)
+    assert values(x) == values(FedAvg().aggregate([f32(1, 2)], ups(), None)[0]) == [[5.0, 7.0]]
+    with pytest.raises(StrategyError, match="serverMomentum"):
+        FedAvgM(serverMomentum=1.0)
+    with pytest.raises(StrategyError, match="state does not fit"):
+        FedAvgM().aggregate([f32(1, 2)], ups(), [f32(0)])
 
 
 # --- FedOpt: FedAdam, FedYogi, FedAdagrad -------------------------------------------------
@@ -325,6 +353,7 @@ def test_parameter_coercion():
 def test_registry():
     assert set(STRATEGIES) == {
         "fedavg",
+        "fedavgm",
         "fedadam",
         "fedyogi",
         "fedadagrad",

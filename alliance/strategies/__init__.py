@@ -10,11 +10,12 @@ from typing import Any
 
 from .base import Strategy, StrategyError, Update
 from .fedavg import FedAvg
+from .fedavgm import FedAvgM
 from .fedopt import FedAdagrad, FedAdam, FedYogi
 from .robust import Median, TrimmedMean
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FedAdam, FedYogi, FedAdagrad, Median, TrimmedMean)
+    cls.name: cls for cls in (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad, Median, TrimmedMean)
 }
 
 
@@ -40,6 +41,7 @@ __all__ = [
     "FedAdagrad",
     "FedAdam",
     "FedAvg",
+    "FedAvgM",
     "FedYogi",
     "Median",
     "Strategy",
