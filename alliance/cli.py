@@ -378,7 +378,7 @@ def cmd_run(args) -> int:
             run,
             spec,
             on_change=progress.update,
-            lost_members=lambda: local.lost() | _init_failed(init),
+            lost_members=lambda: local.supervise() | _init_failed(init),
         )
         init.wait()
     progress.done(status, time.perf_counter() - started, work)

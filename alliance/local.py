@@ -104,6 +104,10 @@ class MemberProcess:
     name: str
     data_dir: Path
     process: subprocess.Popen
+    env: dict[str, str]
+    log_path: Path
+    extra_args: list[str] | None = None
+    restarts: int = 0
 
     @property
     def alive(self) -> bool:
@@ -140,7 +144,7 @@ def start_member(
         start_new_session=True,
         preexec_fn=_die_with_parent,
     )
-    return MemberProcess(name, data_dir, proc)
+    return MemberProcess(name, data_dir, proc, env, log_path, extra_args)
 
 
 def stop_processes(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
@@ -228,10 +232,16 @@ def init_in_subprocess(
 
 
 class LocalAlliance:
-    """The S3 server and member processes of one embedded alliance, stopped together."""
+    """The S3 server and member processes of one embedded alliance, stopped together.
 
-    def __init__(self, work_dir: Path, bucket: str = "alliance"):
+    A member process that dies is started again, as Kubernetes restarts a member's pod, up to
+    ``max_restarts`` times; the restarted agent skips what it already uploaded and takes up
+    the current task, so its round does not lose it.
+    """
+
+    def __init__(self, work_dir: Path, bucket: str = "alliance", max_restarts: int = 3):
         self.work_dir = Path(work_dir)
+        self.max_restarts = max_restarts
         self.server = S3Server(self.work_dir / "s3", bucket=bucket)
         self.members: list[MemberProcess] = []
         self.store: Store | None = None
@@ -274,7 +284,7 @@ class LocalAlliance:
         member that is gone. ``check`` is called on every poll and may raise to give up."""
         names = {m.name for m in self.members}
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not self.lost():
+        while time.monotonic() < deadline and not self.supervise():
             check()
             beats = {
                 o.key.rsplit("/", 1)[-1].removesuffix(".json") for o in self.store.list_heartbeats()
@@ -288,6 +298,24 @@ class LocalAlliance:
 
     def lost(self) -> set[str]:
         return {m.name for m in self.members if not m.alive}
+
+    def supervise(self) -> set[str]:
+        """Restart members whose process died; return those given up on (restarts used up)."""
+        for i, m in enumerate(self.members):
+            if m.alive or m.restarts >= self.max_restarts:
+                continue
+            log.warning(
+                "%s exited with %s; starting it again (%d of %d), log in %s",
+                m.name,
+                m.process.returncode,
+                m.restarts + 1,
+                self.max_restarts,
+                m.log_path,
+            )
+            again = start_member(m.name, m.data_dir, m.env, m.log_path, m.extra_args)
+            again.restarts = m.restarts + 1
+            self.members[i] = again
+        return self.lost()
 
     def __exit__(self, *exc) -> None:
         stop_processes([m.process for m in self.members])

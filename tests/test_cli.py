@@ -190,3 +190,43 @@ def test_flags_override_the_spec_file_and_the_rest_keeps_its_values(tmp_path):
     assert spec.min_members == 2  # a majority of the 3 members
     demo = RunSpec.from_dict(_run_spec(build_parser().parse_args(["demo"])))
     assert (demo.rounds, demo.local_epochs, demo.batch_size) == (3, 2, 32)
+
+
+@pytest.mark.slow
+def test_a_member_that_dies_is_started_again_and_its_round_keeps_it(tmp_path, small_dataset):
+    work = tmp_path / "work"
+    args = [
+        *ALLIANCE,
+        "run",
+        "--data-dir",
+        str(small_dataset),
+        "--members",
+        "3",
+        "--rounds",
+        "3",
+        "--work-dir",
+        str(work),
+        "--run",
+        "r",
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("round 1/3"):
+                victim = [
+                    c for c in descendants_of(proc.pid) if "member-2" in " ".join(c.cmdline())
+                ]
+                assert len(victim) == 1
+                victim[0].kill()
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = "".join(lines)
+    assert proc.returncode == 0, out
+    assert "member-2 exited with -9; starting it again (1 of 3)" in out
+    table = out.split("round  members")[1].strip().splitlines()[1:4]
+    # Every round aggregated all three members: nobody was dropped.
+    assert [row.split()[1:3] for row in table] == [["3", "0"]] * 3, out
