@@ -33,6 +33,14 @@ def small_dataset(tmp_path):
     return d
 
 
+def start_run(data_dir, work, members):
+    """`alliance run` of 3 rounds as a child whose output the test reads line by line."""
+    args = ["run", "--data-dir", data_dir, "--members", members, "--rounds", 3,
+            "--work-dir", work, "--run", "r"]  # fmt: skip
+    return subprocess.Popen([*ALLIANCE, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
 def descendants_of(pid):
     try:
         return psutil.Process(pid).children(recursive=True)
@@ -112,21 +120,7 @@ def test_run_trains_and_predict_labels_a_csv(tmp_path, small_dataset):
 @pytest.mark.slow
 def test_ctrl_c_stops_everything_and_the_run_resumes(tmp_path, small_dataset):
     work = tmp_path / "work"
-    args = [
-        *ALLIANCE,
-        "run",
-        "--data-dir",
-        str(small_dataset),
-        "--members",
-        "2",
-        "--rounds",
-        "3",
-        "--work-dir",
-        str(work),
-        "--run",
-        "r",
-    ]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_run(small_dataset, work, members=2)
     lines = []
     try:
         for line in proc.stdout:
@@ -194,22 +188,7 @@ def test_flags_override_the_spec_file_and_the_rest_keeps_its_values(tmp_path):
 
 @pytest.mark.slow
 def test_a_member_that_dies_is_started_again_and_its_round_keeps_it(tmp_path, small_dataset):
-    work = tmp_path / "work"
-    args = [
-        *ALLIANCE,
-        "run",
-        "--data-dir",
-        str(small_dataset),
-        "--members",
-        "3",
-        "--rounds",
-        "3",
-        "--work-dir",
-        str(work),
-        "--run",
-        "r",
-    ]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_run(small_dataset, tmp_path / "work", members=3)
     lines = []
     try:
         for line in proc.stdout:
