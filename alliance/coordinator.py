@@ -26,7 +26,7 @@ from alliance.engine import (
     RunSpec,
     RunStatus,
 )
-from alliance.store import Store, StoreError
+from alliance.store import Store, StoreError, result_key
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class Coordinator:
     def _fetch(self, round_: int, kind: str, members: set[str]) -> dict[str, dict]:
         """Results of a kind for a round; each member's JSON is read once."""
         missing = [m for m in members if (round_, kind, m) not in self._results]
-        keys = [f"runs/{self.run}/rounds/{round_:05d}/{kind}/{m}.json" for m in missing]
+        keys = [result_key(self.run, round_, kind, m) for m in missing]
         for member, content in zip(missing, self.store.map(self.store.get_json, keys), strict=True):
             if content is not None:
                 self._results[(round_, kind, member)] = content

@@ -26,7 +26,7 @@ import numpy as np
 from alliance.coordinator import Coordinator
 from alliance.engine import Phase, RunSpec, RunStatus
 from alliance.s3server import S3Server
-from alliance.store import Store
+from alliance.store import Store, heartbeat_key, run_key
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def stop_processes(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
 
 
 def load_status(store: Store, run: str) -> RunStatus | None:
-    saved = store.get_json(f"runs/{run}/status.json")
+    saved = store.get_json(run_key(run, "status.json"))
     return None if saved is None else RunStatus.from_dict(saved)
 
 
@@ -178,11 +178,11 @@ def coordinate(
     heartbeat_timeout: float = 60.0,
 ) -> RunStatus:
     """Drive a run to its end, persisting its status in the store after every change."""
-    saved_spec = store.get_json(f"runs/{run}/spec.json")
+    saved_spec = store.get_json(run_key(run, "spec.json"))
     if saved_spec is not None and saved_spec != spec.to_dict():
         spec = RunSpec.from_dict(saved_spec)  # a resumed run keeps the spec it started with
         log.warning("run %s exists: resuming it with its original spec", run)
-    store.put_json(f"runs/{run}/spec.json", spec.to_dict())
+    store.put_json(run_key(run, "spec.json"), spec.to_dict())
     coordinator = Coordinator(
         store, run, spec, lost_members=lost_members, heartbeat_timeout=heartbeat_timeout
     )
@@ -201,7 +201,7 @@ def coordinate(
         if _without_message(current) != _without_message(saved) or (
             current != saved and time.monotonic() - saved_at >= 1.0
         ):
-            store.put_json(f"runs/{run}/status.json", current)
+            store.put_json(run_key(run, "status.json"), current)
             saved, saved_at = current, time.monotonic()
         if status.phase not in (Phase.COMPLETED, Phase.FAILED):
             time.sleep(poll_seconds)
@@ -290,7 +290,7 @@ class LocalAlliance:
                 o.key.rsplit("/", 1)[-1].removesuffix(".json") for o in self.store.list_heartbeats()
             }
             states = [
-                (self.store.get_json(f"members/{n}.json") or {}).get("state") for n in names & beats
+                (self.store.get_json(heartbeat_key(n)) or {}).get("state") for n in names & beats
             ]
             if len(states) == len(names) and set(states) <= {"ready", "invalid"}:
                 return

@@ -23,7 +23,7 @@ from pathlib import Path
 from alliance import data as data_mod
 from alliance import weights
 from alliance.data import DataError, DataSchema
-from alliance.store import Store, StoreError
+from alliance.store import Store, StoreError, result_key
 from alliance.trainers import CommandTrainer, KerasTrainer, TaskError, Trainer
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ class Agent:
         """After a restart, a task whose result is already stored is not done twice."""
         if task["kind"] == "train":
             return self.store.update_exists(task["run"], task["round"], self.name)
-        key = f"runs/{task['run']}/rounds/{task['round']:05d}/validations/{self.name}.json"
+        key = result_key(task["run"], task["round"], "validations", self.name)
         return self.store.exists(key)
 
     def _model(self, model_id: str) -> list:

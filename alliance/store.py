@@ -108,6 +108,20 @@ def round_prefix(run: str, round_: int) -> str:
     return f"runs/{run}/rounds/{round_:05d}/"
 
 
+def result_key(run: str, round_: int, kind: str, member: str) -> str:
+    """kind: "failures" or "validations"."""
+    return round_prefix(run, round_) + f"{kind}/{member}.json"
+
+
+def run_key(run: str, name: str) -> str:
+    """A run's own objects: "spec.json", "status.json"."""
+    return f"runs/{run}/{name}"
+
+
+def heartbeat_key(member: str) -> str:
+    return f"members/{member}.json"
+
+
 def model_key(model_id: str) -> str:
     return f"models/{model_id}.npz"
 
@@ -325,7 +339,7 @@ class Store:
     # --- members ----------------------------------------------------------------------------
 
     def put_heartbeat(self, member: str, info: dict) -> None:
-        self.put_json(f"members/{member}.json", info)
+        self.put_json(heartbeat_key(member), info)
 
     def list_heartbeats(self) -> list[ObjectInfo]:
         return self.list("members/")
@@ -386,7 +400,7 @@ class Store:
 
     def put_result(self, run: str, round_: int, kind: str, member: str, result: dict) -> None:
         """kind: "failures" or "validations"."""
-        self.put_json(round_prefix(run, round_) + f"{kind}/{member}.json", result)
+        self.put_json(result_key(run, round_, kind, member), result)
 
     def list_round(
         self, run: str, round_: int, kinds: tuple[str, ...] = ("updates", "failures", "validations")
