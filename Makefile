@@ -14,7 +14,7 @@ install: $(STAMP)  ## create .venv with every pinned dependency (TensorFlow, the
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip==25.3
-	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[tf,s3,dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[tf,s3,operator,dev]'
 	touch $(STAMP)
 
 demo: install  ## a real federated MNIST training: 3 members x 3 rounds on the shipped sample

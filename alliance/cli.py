@@ -159,7 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Create the bucket and write the model definition and the "
         "seed weights, once (an initialised alliance is left as is).",
     )
-    p.add_argument("--model", type=Path, help="a .keras model file (default: the built-in CNN)")
+    model = p.add_mutually_exclusive_group()
+    model.add_argument(
+        "--model", type=Path, help="a local .keras model file (default: the built-in CNN)"
+    )
+    model.add_argument(
+        "--keras-object",
+        metavar="KEY",
+        help="the key of a .keras model file already uploaded to the alliance's bucket",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed of the initial weights")
     p.set_defaults(func=cmd_init)
 
@@ -280,9 +288,19 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _schema(path: Path | None):
-    from alliance.data import DataSchema
+    """--schema FILE, else ALLIANCE_DATA_SCHEMA (JSON; how the operator passes a Member's
+    spec.dataSchema to its pod), else the default mnist-in-csv schema."""
+    from alliance.data import DataError, DataSchema
 
-    return DataSchema.load(path) if path else DataSchema()
+    if path:
+        return DataSchema.load(path)
+    inline = os.environ.get("ALLIANCE_DATA_SCHEMA")
+    if inline:
+        try:
+            return DataSchema.from_dict(json.loads(inline))
+        except json.JSONDecodeError as exc:
+            raise DataError("schema", f"ALLIANCE_DATA_SCHEMA is not JSON: {exc}") from exc
+    return DataSchema()
 
 
 def _dataset_files(data_dir: Path) -> tuple[Path, Path | None]:
@@ -537,7 +555,7 @@ def cmd_init(args) -> int:
     from alliance.model import configure_threads, init_alliance
 
     configure_threads(cpu_threads())
-    manifest = init_alliance(_store(), args.model, args.seed)
+    manifest = init_alliance(_store(), args.model, args.seed, keras_object=args.keras_object)
     print(f"alliance initialised: seed model {manifest['seedModelId']}")
     return 0
 

@@ -26,7 +26,7 @@ from alliance.engine import (
     RunSpec,
     RunStatus,
 )
-from alliance.store import Store, StoreError, result_key
+from alliance.store import Store, StoreError, result_key, run_key
 
 log = logging.getLogger(__name__)
 
@@ -283,3 +283,20 @@ def _prefetch(
 
 def _member_of(key: str) -> str:
     return key.rsplit("/", 1)[-1].removesuffix(".json")
+
+
+def pin_spec(store: Store, run: str, spec: RunSpec) -> RunSpec:
+    """The spec a run keeps for its whole life: the one it started with.
+
+    The first call stores ``spec``; later calls (a resumed runner, an edited TrainingRun)
+    return the stored one, so a run never changes its rules halfway. Whether ``spec`` differs
+    from the pinned one can be told by comparing the two.
+    """
+    saved = store.get_json(run_key(run, "spec.json"))
+    if saved is not None:
+        pinned = RunSpec.from_dict(saved)
+        if pinned != spec:
+            log.warning("run %s exists: it keeps the spec it started with", run)
+        return pinned
+    store.put_json(run_key(run, "spec.json"), spec.to_dict())
+    return spec

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from alliance.coordinator import Coordinator
+from alliance.coordinator import Coordinator, pin_spec
 from alliance.engine import Phase, RunSpec, RunStatus
 from alliance.s3server import S3Server
 from alliance.store import Store, heartbeat_key, run_key
@@ -178,11 +178,7 @@ def coordinate(
     heartbeat_timeout: float = 60.0,
 ) -> RunStatus:
     """Drive a run to its end, persisting its status in the store after every change."""
-    saved_spec = store.get_json(run_key(run, "spec.json"))
-    if saved_spec is not None and saved_spec != spec.to_dict():
-        spec = RunSpec.from_dict(saved_spec)  # a resumed run keeps the spec it started with
-        log.warning("run %s exists: resuming it with its original spec", run)
-    store.put_json(run_key(run, "spec.json"), spec.to_dict())
+    spec = pin_spec(store, run, spec)
     coordinator = Coordinator(
         store, run, spec, lost_members=lost_members, heartbeat_timeout=heartbeat_timeout
     )

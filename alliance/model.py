@@ -103,9 +103,13 @@ def load_keras_bytes(data: bytes) -> Any:
         return load_keras_file(path)
 
 
-def init_alliance(store: Store, keras_file: Path | None = None, seed: int = 0) -> dict:
+def init_alliance(
+    store: Store, keras_file: Path | None = None, seed: int = 0, keras_object: str | None = None
+) -> dict:
     """Create the bucket, store the model definition and the seed model, once.
 
+    The model is the built-in CNN, a local ``keras_file``, or ``keras_object``: the key of a
+    .keras file the user uploaded to the bucket (an Alliance's ``spec.model.kerasObject``).
     Idempotent: an initialised alliance is returned as it is, so the seed model is never
     replaced under a running federation.
     """
@@ -116,7 +120,16 @@ def init_alliance(store: Store, keras_file: Path | None = None, seed: int = 0) -
     import keras
 
     keras.utils.set_random_seed(seed)
-    if keras_file is None:
+    if keras_object is not None:
+        data = store.get_bytes(keras_object)
+        if data is None:
+            raise ModelError(
+                f"model.kerasObject: no object {keras_object!r} in bucket {store.bucket!r}: "
+                "upload the .keras file there first"
+            )
+        model = load_keras_bytes(data)
+        definition = {"kind": "keras", "sha256": store.put_file("model-files", data, ".keras")}
+    elif keras_file is None:
         definition = dict(BUILTIN_CNN)
         model = build_cnn()
     else:

@@ -570,6 +570,7 @@ def test_trainingrun_status_holds_runstatus():
     assert status_fields - set(RunStatus().to_dict()) == {
         "accuracy",
         "loss",
+        "storeRun",
         "conditions",
         "observedGeneration",
     }

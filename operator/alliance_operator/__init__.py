@@ -1,0 +1,1 @@
+"""The Kubernetes operator: Alliance, Member and TrainingRun reconciled by kopf."""

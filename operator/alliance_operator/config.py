@@ -1,0 +1,48 @@
+"""The operator's settings: environment variables with one prefix, read once at start.
+
+Every setting has a safe default except the member image, which a deployment should pin
+(the Helm chart does).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+from alliance import __version__
+
+PREFIX = "ALLIANCE_OPERATOR_"
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    #: The member agent's image, for Members and Alliances that name none.
+    member_image: str = f"alliance-member:{__version__}"
+    image_pull_policy: str = "IfNotPresent"
+    #: The uid/gid member pods run as (non-root).
+    run_as_user: int = 10001
+    #: A member whose heartbeat is older than this counts as lost (seconds).
+    heartbeat_timeout: float = 60.0
+    #: How often a TrainingRun, a Member and an Alliance are reconciled (seconds).
+    run_interval: float = 1.0
+    member_interval: float = 3.0
+    alliance_interval: float = 10.0
+    #: How long one store call may retry before the reconcile gives up until the next tick.
+    store_retry_seconds: float = 5.0
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> OperatorConfig:
+        env = os.environ if env is None else env
+        values = {}
+        for f in fields(cls):
+            raw = env.get(PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            kind = type(getattr(cls, f.name))
+            try:
+                values[f.name] = kind(raw)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{PREFIX}{f.name.upper()}: not a {kind.__name__}: {raw!r}"
+                ) from exc
+        return cls(**values)

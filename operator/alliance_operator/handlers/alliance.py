@@ -1,0 +1,95 @@
+"""Alliance: reach the store, create the bucket and the seed model, report readiness.
+
+Conditions: StoreReady (the Secret is there and the store answers with it), ModelReady (the
+model definition and seed weights are in the bucket), Ready (both).
+"""
+
+from __future__ import annotations
+
+import kopf
+
+from alliance.store import StoreError
+from alliance_operator import k8s
+from alliance_operator.conditions import now_rfc3339, set_condition
+from alliance_operator.handlers.common import Context, changed, report_transitions
+from alliance_operator.podstate import PodHealth, pod_state
+from alliance_operator.resources.pods import init_pod, init_pod_name
+from alliance_operator.stores import StoreUnavailable
+
+
+def reconcile(ctx: Context, body: dict, logger) -> dict:
+    """One pass; returns the status patch."""
+    meta = body["metadata"]
+    name, namespace, generation = meta["name"], meta["namespace"], meta.get("generation")
+    spec = body["spec"]
+    old = body.get("status") or {}
+    now = now_rfc3339()
+    new = dict(old)
+    conds = old.get("conditions") or []
+
+    def cond(type_: str, ok: bool | None, reason: str, message: str) -> None:
+        nonlocal conds
+        conds = set_condition(conds, type_, ok, reason, message, generation, now)
+
+    manifest = None
+    try:
+        store = ctx.stores.for_alliance(namespace, body)
+        store.ensure_bucket()
+        manifest = store.get_alliance()
+    except StoreUnavailable as exc:
+        cond("StoreReady", False, exc.reason, exc.message)
+    except StoreError as exc:
+        cond("StoreReady", False, "StoreUnreachable", str(exc))
+    else:
+        where = f"bucket {spec['store']['bucket']} at {spec['store']['endpoint']}"
+        cond("StoreReady", True, "Connected", f"{where} is reachable")
+
+    pod_name = init_pod_name(name)
+    if manifest is not None:
+        new["seedModelId"] = manifest["seedModelId"]
+        model = manifest.get("model", {})
+        what = model.get("name") or model.get("kind") or "model"
+        cond(
+            "ModelReady",
+            True,
+            "Initialized",
+            f"{what} with {manifest.get('parameters', '?')} parameters, "
+            f"seed model {manifest['seedModelId'][:12]}",
+        )
+        k8s.delete_pod(namespace, pod_name)  # its work is done (no-op when already gone)
+    elif conds and any(c["type"] == "StoreReady" and c["status"] == "True" for c in conds):
+        state = pod_state(k8s.get_pod(namespace, pod_name))
+        if state.health == PodHealth.ABSENT:
+            pod = init_pod(
+                name,
+                spec,
+                ctx.config.member_image,
+                ctx.config.image_pull_policy,
+                ctx.config.run_as_user,
+            )
+            kopf.adopt(pod, owner=body)
+            k8s.create_pod(namespace, pod)
+            logger.info("created pod %s to initialise the alliance", pod_name)
+            cond("ModelReady", False, "Initializing", f"pod {pod_name} creates the seed model")
+        elif state.health in (PodHealth.STUCK, PodHealth.FAILED) or state.exit_message:
+            message = state.message or state.exit_message
+            cond("ModelReady", False, "InitFailed", f"pod {pod_name}: {state.reason}: {message}")
+            if state.health == PodHealth.FAILED:
+                k8s.delete_pod(namespace, pod_name)  # the next pass tries again
+        else:
+            cond("ModelReady", False, "Initializing", f"pod {pod_name} creates the seed model")
+    else:
+        cond("ModelReady", None, "WaitingForStore", "the store must be reachable first")
+
+    ready = all(c["status"] == "True" for c in conds if c["type"] in ("StoreReady", "ModelReady"))
+    not_ready = [c for c in conds if c["type"] != "Ready" and c["status"] != "True"]
+    cond(
+        "Ready",
+        ready,
+        "Ready" if ready else not_ready[0]["reason"],
+        "the alliance accepts members and runs" if ready else not_ready[0]["message"],
+    )
+    new["conditions"] = conds
+    new["observedGeneration"] = generation
+    report_transitions(body, old.get("conditions"), conds)
+    return changed(old, new)

@@ -1,0 +1,136 @@
+"""Member: run the member's agent pod on its data claim and report what the agent says.
+
+Conditions: PodReady (the agent's pod runs), DataReady (the agent validated the data on the
+claim; when not, the message is the exact error: file, line, column, rule), Ready (both).
+The data verdict comes from the agent's heartbeat in the store: members have no Kubernetes
+API rights, the store is their only channel.
+"""
+
+from __future__ import annotations
+
+import kopf
+
+from alliance.store import StoreError, heartbeat_key
+from alliance_operator import k8s
+from alliance_operator.conditions import now_rfc3339, set_condition
+from alliance_operator.constants import ALLIANCES, ANNOTATION_SPEC_HASH
+from alliance_operator.handlers.common import Context, changed, report_transitions
+from alliance_operator.podstate import PodHealth, pod_state
+from alliance_operator.resources.pods import member_pod, member_pod_name
+from alliance_operator.stores import StoreUnavailable
+
+
+def reconcile(ctx: Context, body: dict, logger) -> dict:
+    meta = body["metadata"]
+    name, namespace, generation = meta["name"], meta["namespace"], meta.get("generation")
+    spec = body["spec"]
+    old = body.get("status") or {}
+    now = now_rfc3339()
+    new = dict(old)
+    conds = old.get("conditions") or []
+
+    def cond(type_: str, ok: bool | None, reason: str, message: str) -> None:
+        nonlocal conds
+        conds = set_condition(conds, type_, ok, reason, message, generation, now)
+
+    alliance = k8s.get_custom(namespace, ALLIANCES, spec["alliance"])
+    if alliance is None:
+        cond("AllianceFound", False, "AllianceNotFound", f'Alliance "{spec["alliance"]}" not found')
+        cond("Ready", False, "AllianceNotFound", f'Alliance "{spec["alliance"]}" not found')
+        new.update(phase="Pending", message=f'waiting for Alliance "{spec["alliance"]}"')
+        return _finish(body, old, new, conds, generation)
+    cond("AllianceFound", True, "Found", f'member of Alliance "{spec["alliance"]}"')
+
+    pod_name = member_pod_name(name)
+    desired = member_pod(
+        name,
+        spec,
+        alliance["spec"],
+        ctx.config.member_image,
+        ctx.config.image_pull_policy,
+        ctx.config.run_as_user,
+    )
+    pod = k8s.get_pod(namespace, pod_name)
+    state = pod_state(pod)
+    if state.health == PodHealth.FAILED:
+        # Evicted, or exited for good: a Member always wants its agent, so replace the pod.
+        kopf.warn(
+            body, reason="PodFailed", message=f"pod {pod_name}: {state.reason}: {state.message}"
+        )
+        k8s.delete_pod(namespace, pod_name)
+    elif pod is not None and state.health != PodHealth.TERMINATING:
+        current = (pod["metadata"].get("annotations") or {}).get(ANNOTATION_SPEC_HASH)
+        if current != desired["metadata"]["annotations"][ANNOTATION_SPEC_HASH]:
+            kopf.info(body, reason="PodReplaced", message=f"the spec changed: replacing {pod_name}")
+            k8s.delete_pod(namespace, pod_name)
+    elif pod is None:
+        kopf.adopt(desired, owner=body)
+        k8s.create_pod(namespace, desired)
+        kopf.info(body, reason="PodCreated", message=f"created pod {pod_name}")
+
+    if state.restarts > int(old.get("restarts") or 0):
+        kopf.warn(
+            body,
+            reason="AgentRestarted",
+            message=f"pod {pod_name} restarted ({state.restarts} restarts): "
+            f"{state.exit_message or state.reason}",
+        )
+    new["restarts"] = state.restarts
+    new["pod"] = pod_name
+    pod_ok = state.health == PodHealth.RUNNING
+    cond("PodReady", pod_ok, state.reason, f"pod {pod_name}: {state.message}")
+
+    try:
+        beat = ctx.stores.for_alliance(namespace, alliance).get_json(heartbeat_key(name))
+    except (StoreUnavailable, StoreError) as exc:
+        beat = None
+        cond("DataReady", None, "StoreUnreachable", f"cannot read the agent's heartbeat: {exc}")
+    else:
+        _data_condition(cond, beat)
+
+    data_ok = any(c["type"] == "DataReady" and c["status"] == "True" for c in conds)
+    data_bad = any(c["type"] == "DataReady" and c["status"] == "False" for c in conds)
+    if beat and beat.get("state") == "ready":
+        new["trainRows"] = int(beat.get("trainRows") or 0)
+        new["testRows"] = int(beat.get("testRows") or 0)
+    if pod_ok and data_ok:
+        cond("Ready", True, "Ready", "the agent runs with valid data and takes work")
+        new.update(phase="Ready", message="taking work")
+    elif data_bad:
+        message = next(c["message"] for c in conds if c["type"] == "DataReady")
+        cond("Ready", False, "InvalidData", message)
+        new.update(phase="InvalidData", message=message)
+    elif state.health in (PodHealth.STUCK, PodHealth.FAILED):
+        cond("Ready", False, state.reason, state.message)
+        new.update(phase=state.reason, message=state.message)
+    else:
+        waiting = next(
+            c for c in conds if c["type"] in ("PodReady", "DataReady") and c["status"] != "True"
+        )
+        cond("Ready", False, waiting["reason"], waiting["message"])
+        new.update(phase="Starting", message=waiting["message"])
+    return _finish(body, old, new, conds, generation)
+
+
+def _data_condition(cond, beat: dict | None) -> None:
+    state = (beat or {}).get("state")
+    if beat is None:
+        cond("DataReady", None, "NoHeartbeat", "the agent has not reported yet")
+    elif state == "invalid":
+        cond("DataReady", False, "InvalidData", beat.get("message") or "the data is invalid")
+    elif state == "ready" or (state == "stopped" and "trainRows" in beat):
+        cond(
+            "DataReady",
+            True,
+            "Valid",
+            f"{beat.get('trainRows', 0)} training rows, {beat.get('testRows', 0)} test rows",
+        )
+    else:
+        cond("DataReady", None, "Validating", "the agent is validating its data")
+
+
+def _finish(body: dict, old: dict, new: dict, conds: list[dict], generation) -> dict:
+    new["conditions"] = conds
+    new["observedGeneration"] = generation
+    report_transitions(body, old.get("conditions"), conds)
+    return changed(old, new)

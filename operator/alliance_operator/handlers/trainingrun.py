@@ -1,0 +1,200 @@
+"""TrainingRun: drive the engine's rounds and mirror them in the resource's status.
+
+Each pass rebuilds what it needs from the TrainingRun's status and the store (the engine is
+level-based), so a restarted operator resumes at the same round: an action the previous
+process carried out but did not record is idempotent and is simply taken again.
+
+Status: the engine's RunStatus (phase, round, stage, history of per-round metrics, model ids)
+plus accuracy/loss of the latest validated model, ``storeRun`` (the run's key in the store) and
+the conditions Invalid, AllianceFound, StoreReady, Progressing and Completed.
+"""
+
+from __future__ import annotations
+
+import kopf
+
+from alliance.coordinator import Coordinator, pin_spec
+from alliance.engine import Phase, RunSpec, RunStatus, SpecError
+from alliance.store import StoreError, run_key
+from alliance_operator import k8s
+from alliance_operator.conditions import now_rfc3339, set_condition
+from alliance_operator.constants import ALLIANCES, LABEL_ALLIANCE, LABEL_MEMBER, MEMBERS
+from alliance_operator.handlers.common import Context, changed, report_transitions
+from alliance_operator.podstate import pod_state
+from alliance_operator.stores import StoreUnavailable
+
+#: The TrainingRun spec fields that are the engine's RunSpec (the rest are the operator's).
+RUN_FIELDS = tuple(RunSpec().to_dict())
+TERMINAL = (Phase.COMPLETED.value, Phase.FAILED.value)
+
+
+def store_run(body: dict) -> str:
+    """The run's name in the store: the resource's name plus its uid's head, so a TrainingRun
+    deleted and created again under the same name starts afresh instead of finding the old
+    run's rounds."""
+    meta = body["metadata"]
+    return f"{meta['name']}-{meta['uid'][:8]}"
+
+
+def effective_spec(spec: dict, run_defaults: dict | None) -> dict:
+    """The run's own fields, else the Alliance's runDefaults; the engine fills the rest."""
+    merged = {k: v for k, v in (run_defaults or {}).items() if k in RUN_FIELDS}
+    merged.update({k: v for k, v in spec.items() if k in RUN_FIELDS and v is not None})
+    return merged
+
+
+def reconcile(ctx: Context, body: dict, logger) -> dict:
+    meta = body["metadata"]
+    namespace, generation = meta["namespace"], meta.get("generation")
+    spec = body["spec"]
+    old = body.get("status") or {}
+    if old.get("phase") in TERMINAL and old.get("observedGeneration") == generation:
+        return {}
+    now = now_rfc3339()
+    new = dict(old)
+    conds = old.get("conditions") or []
+
+    def cond(type_: str, ok: bool | None, reason: str, message: str) -> None:
+        nonlocal conds
+        conds = set_condition(conds, type_, ok, reason, message, generation, now)
+
+    def finish() -> dict:
+        new["conditions"] = conds
+        new["observedGeneration"] = generation
+        report_transitions(body, old.get("conditions"), conds)
+        return changed(old, new)
+
+    alliance = k8s.get_custom(namespace, ALLIANCES, spec["alliance"])
+    if alliance is None:
+        cond("AllianceFound", False, "AllianceNotFound", f'Alliance "{spec["alliance"]}" not found')
+        new.setdefault("phase", Phase.PENDING.value)
+        new["message"] = f'waiting for Alliance "{spec["alliance"]}"'
+        return finish()
+    cond("AllianceFound", True, "Found", f'Alliance "{spec["alliance"]}"')
+
+    try:
+        run_spec = RunSpec.from_dict(effective_spec(spec, alliance["spec"].get("runDefaults")))
+    except SpecError as exc:
+        cond("Invalid", True, "InvalidSpec", str(exc))
+        new.update(phase=Phase.FAILED.value, message=str(exc))
+        return finish()
+    if any(c["type"] == "Invalid" and c["status"] == "True" for c in conds) and not old.get(
+        "round"
+    ):
+        new = {"conditions": conds}  # fixed before it started: start afresh
+    cond("Invalid", False, "Valid", "the spec is valid")
+
+    try:
+        store = ctx.stores.for_alliance(namespace, alliance)
+        coordinator = _coordinator(ctx, body, store, run_spec)
+        members = _member_pods(namespace, spec["alliance"])
+        coordinator.lost_members = lambda: {m for m, state in members.items() if state.lost}
+        status = coordinator.reconcile(RunStatus.from_dict(new))
+    except StoreUnavailable as exc:
+        cond("StoreReady", False, exc.reason, exc.message)
+        new["message"] = f"store unavailable: {exc.message}"
+        return finish()
+    except StoreError as exc:
+        cond("StoreReady", False, "StoreUnreachable", str(exc))
+        new["message"] = f"store unreachable: {exc}"
+        return finish()
+    cond("StoreReady", True, "Connected", f"run objects under runs/{store_run(body)}/")
+
+    new.update(status.to_dict())
+    new["storeRun"] = store_run(body)
+    validated = [r for r in status.history if r.accuracy is not None]
+    if validated:
+        new["accuracy"] = round(validated[-1].accuracy, 6)
+        if validated[-1].loss is not None:
+            new["loss"] = round(validated[-1].loss, 6)
+    _round_events(body, old, status)
+    running = status.phase == Phase.RUNNING
+    cond(
+        "Progressing",
+        running,
+        "RoundInProgress" if running else str(status.phase),
+        status.message or str(status.phase),
+    )
+    done = status.phase == Phase.COMPLETED
+    cond(
+        "Completed",
+        done,
+        "AllRoundsDone" if done else str(status.phase),
+        status.message if done or status.phase == Phase.FAILED else "not finished",
+    )
+    if status.phase in (Phase.COMPLETED, Phase.FAILED):
+        with ctx.lock:
+            ctx.coordinators.pop(meta["uid"], None)
+    return finish()
+
+
+def _coordinator(ctx: Context, body: dict, store, run_spec: RunSpec) -> Coordinator:
+    uid = body["metadata"]["uid"]
+    with ctx.lock:
+        cached = ctx.coordinators.get(uid)
+    if cached is not None and cached.store is store:
+        return cached
+    coordinator = Coordinator(
+        store,
+        store_run(body),
+        pin_spec(store, store_run(body), run_spec),
+        heartbeat_timeout=ctx.config.heartbeat_timeout,
+    )
+    with ctx.lock:
+        ctx.coordinators[uid] = coordinator
+    return coordinator
+
+
+def _member_pods(namespace: str, alliance: str) -> dict:
+    """Each Member of the alliance in this namespace → its agent pod's state."""
+    members = [
+        m["metadata"]["name"]
+        for m in k8s.list_custom(namespace, MEMBERS)
+        if (m.get("spec") or {}).get("alliance") == alliance
+    ]
+    pods = {
+        p["metadata"]["labels"].get(LABEL_MEMBER): p
+        for p in k8s.list_pods(namespace, f"{LABEL_ALLIANCE}={alliance},{LABEL_MEMBER}")
+    }
+    return {m: pod_state(pods.get(m)) for m in members}
+
+
+def _round_events(body: dict, old: dict, status: RunStatus) -> None:
+    finished_before = {r["round"] for r in old.get("history") or () if r.get("finishedAt")}
+    for r in status.history:
+        if r.finished_at and r.round not in finished_before:
+            accuracy = "n/a" if r.accuracy is None else f"{r.accuracy:.4f}"
+            kopf.info(
+                body,
+                reason="RoundCompleted",
+                message=f"round {r.round}: accuracy {accuracy}, {len(r.members)} members, "
+                f"{len(r.dropped)} dropped, {r.seconds:.1f} s",
+            )
+    if old.get("phase") != status.phase:
+        if status.phase == Phase.COMPLETED:
+            kopf.info(body, reason="Completed", message=status.message or "all rounds done")
+        elif status.phase == Phase.FAILED:
+            kopf.warn(body, reason="Failed", message=status.message or "the run failed")
+        elif status.phase == Phase.RUNNING:
+            kopf.info(body, reason="Started", message="round 1 started")
+
+
+def cleanup(ctx: Context, body: dict, logger) -> None:
+    """On deletion: withdraw the run's task; with storeCleanupPolicy Delete, remove its
+    objects from the store too (models are content-addressed and shared: they stay)."""
+    meta, spec = body["metadata"], body["spec"]
+    alliance = k8s.get_custom(meta["namespace"], ALLIANCES, spec["alliance"])
+    if alliance is None:
+        logger.warning("Alliance %s is gone: nothing to clean in its store", spec["alliance"])
+        return
+    with ctx.lock:
+        ctx.coordinators.pop(meta["uid"], None)
+    run = store_run(body)
+    try:
+        store = ctx.stores.for_alliance(meta["namespace"], alliance)
+        store.delete_task(run)
+        if spec.get("storeCleanupPolicy") == "Delete":
+            removed = store.delete_prefix(run_key(run, ""))
+            logger.info("deleted %d objects under runs/%s/", removed, run)
+    except (StoreUnavailable, StoreError) as exc:
+        raise kopf.TemporaryError(f"cannot clean up the store: {exc}", delay=10) from exc

@@ -1,0 +1,1 @@
+"""Pure manifest builders: dicts in, dicts out; no API calls, no clock, no environment."""

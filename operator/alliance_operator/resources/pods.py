@@ -1,0 +1,249 @@
+"""The pods the operator runs: a Member's agent and an Alliance's one-off initialisation.
+
+Both run the member image's ``alliance`` command with the store's credentials from the
+Alliance's Secret. They are hardened the same way: non-root, read-only root filesystem, no
+capabilities, no service-account token (members need no Kubernetes API rights: the store is
+their only channel), writable scratch space only in emptyDirs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from alliance import store as store_keys
+from alliance_operator.constants import (
+    ANNOTATION_SPEC_HASH,
+    CACHE_MOUNT_PATH,
+    DATA_MOUNT_PATH,
+    LABEL_ALLIANCE,
+    LABEL_COMPONENT,
+    LABEL_MEMBER,
+    MANAGED_BY,
+    TMP_MOUNT_PATH,
+)
+
+#: Used when a Member sets no resources: enough for the built-in CNN on MNIST-sized data.
+DEFAULT_MEMBER_RESOURCES = {
+    "requests": {"cpu": "500m", "memory": "1Gi"},
+    "limits": {"memory": "4Gi"},
+}
+INIT_RESOURCES = {
+    "requests": {"cpu": "250m", "memory": "512Mi"},
+    "limits": {"memory": "2Gi"},
+}
+
+
+def member_pod_name(member: str) -> str:
+    return f"{member}-agent"
+
+
+def init_pod_name(alliance: str) -> str:
+    return f"{alliance}-init"
+
+
+def labels(component: str, alliance: str, member: str | None = None) -> dict[str, str]:
+    out = {
+        "app.kubernetes.io/name": "alliance",
+        "app.kubernetes.io/part-of": "alliance",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        LABEL_COMPONENT: component,
+        LABEL_ALLIANCE: alliance,
+    }
+    if member is not None:
+        out[LABEL_MEMBER] = member
+    return out
+
+
+def store_env(store: dict) -> list[dict]:
+    """The store's endpoint, bucket and credentials, as the agent's ALLIANCE_* variables."""
+    secret = store["credentialsSecret"]
+
+    def from_secret(key: str) -> dict:
+        return {"secretKeyRef": {"name": secret["name"], "key": key}}
+
+    return [
+        {"name": store_keys.ENV_ENDPOINT, "value": store["endpoint"]},
+        {"name": store_keys.ENV_BUCKET, "value": store["bucket"]},
+        {
+            "name": store_keys.ENV_ACCESS_KEY,
+            "valueFrom": from_secret(secret.get("accessKeyKey", "accessKey")),
+        },
+        {
+            "name": store_keys.ENV_SECRET_KEY,
+            "valueFrom": from_secret(secret.get("secretKeyKey", "secretKey")),
+        },
+    ]
+
+
+def _runtime_env() -> list[dict]:
+    return [
+        # The root filesystem is read-only: every library that writes under $HOME (Keras,
+        # matplotlib) writes to the scratch emptyDir instead.
+        {"name": "HOME", "value": TMP_MOUNT_PATH},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        # TensorFlow sizes its thread pools from this: the pod's CPU limit, not the node's
+        # cores (several members on one node would otherwise oversubscribe it).
+        {
+            "name": "ALLIANCE_CPU_THREADS",
+            "valueFrom": {"resourceFieldRef": {"containerName": "agent", "resource": "limits.cpu"}},
+        },
+    ]
+
+
+def _pod_security(run_as_user: int) -> dict:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": run_as_user,
+        "runAsGroup": run_as_user,
+        "fsGroup": run_as_user,
+        # Re-own the data volume only when its root is not already ours: a recursive chown of
+        # a large dataset on every start would be slow.
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _container_security() -> dict:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _scratch_volumes() -> tuple[list[dict], list[dict]]:
+    volumes = [{"name": "tmp", "emptyDir": {}}]
+    mounts = [{"name": "tmp", "mountPath": TMP_MOUNT_PATH}]
+    return volumes, mounts
+
+
+def spec_hash(pod: dict) -> str:
+    """A short digest of what the operator asked for; a change replaces the pod."""
+    payload = json.dumps({"spec": pod["spec"], "labels": pod["metadata"]["labels"]}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _pod(name: str, pod_labels: dict, spec: dict) -> dict:
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": pod_labels, "annotations": {}},
+        "spec": spec,
+    }
+    pod["metadata"]["annotations"][ANNOTATION_SPEC_HASH] = spec_hash(pod)
+    return pod
+
+
+def member_pod(
+    member: str,
+    member_spec: dict,
+    alliance_spec: dict,
+    default_image: str,
+    image_pull_policy: str = "IfNotPresent",
+    run_as_user: int = 10001,
+) -> dict:
+    """The pod of a Member's agent, bound read-only to the Member's data claim."""
+    args = ["member", "--name", member, "--data-dir", DATA_MOUNT_PATH, "--log-level", "info"]
+    if member_spec.get("validator"):
+        args.append("--validator")
+    if member_spec.get("trainCommand"):
+        args += ["--train-command", member_spec["trainCommand"]]
+    if member_spec.get("validateCommand"):
+        args += ["--validate-command", member_spec["validateCommand"]]
+    env = [
+        *store_env(alliance_spec["store"]),
+        # Parsed CSV data is cached here between restarts of the container.
+        {"name": "ALLIANCE_CACHE_DIR", "value": CACHE_MOUNT_PATH},
+        *_runtime_env(),
+    ]
+    if member_spec.get("dataSchema"):
+        schema = json.dumps(member_spec["dataSchema"], sort_keys=True, separators=(",", ":"))
+        env.append({"name": "ALLIANCE_DATA_SCHEMA", "value": schema})
+    volumes, mounts = _scratch_volumes()
+    volumes += [
+        {
+            "name": "data",
+            "persistentVolumeClaim": {
+                "claimName": member_spec["dataVolumeClaim"],
+                "readOnly": True,
+            },
+        },
+        {"name": "cache", "emptyDir": {}},
+    ]
+    mounts += [
+        {"name": "data", "mountPath": DATA_MOUNT_PATH, "readOnly": True},
+        {"name": "cache", "mountPath": CACHE_MOUNT_PATH},
+    ]
+    container = {
+        "name": "agent",
+        "image": member_spec.get("image") or alliance_spec.get("memberImage") or default_image,
+        "imagePullPolicy": image_pull_policy,
+        "command": ["alliance"],
+        "args": args,
+        "env": env,
+        "resources": member_spec.get("resources") or DEFAULT_MEMBER_RESOURCES,
+        "volumeMounts": mounts,
+        "securityContext": _container_security(),
+        # A container that dies leaves the tail of its log as the termination message: the
+        # operator shows it in the Member's status.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    alliance = member_spec["alliance"]
+    return _pod(
+        member_pod_name(member),
+        labels("member", alliance, member),
+        {
+            "restartPolicy": "Always",
+            "automountServiceAccountToken": False,
+            "enableServiceLinks": False,
+            "securityContext": _pod_security(run_as_user),
+            "terminationGracePeriodSeconds": 30,
+            "containers": [container],
+            "volumes": volumes,
+        },
+    )
+
+
+def init_pod(
+    alliance: str,
+    alliance_spec: dict,
+    default_image: str,
+    image_pull_policy: str = "IfNotPresent",
+    run_as_user: int = 10001,
+) -> dict:
+    """A run-to-completion pod that creates the bucket, the model and its seed weights.
+
+    It needs TensorFlow to build the model, which is why it runs in the member image and not
+    in the operator (whose image carries no TensorFlow).
+    """
+    args = ["init", "--seed", str(alliance_spec.get("seed", 0)), "--log-level", "info"]
+    model = alliance_spec.get("model") or {}
+    if model.get("kerasObject"):
+        args += ["--keras-object", model["kerasObject"]]
+    volumes, mounts = _scratch_volumes()
+    container = {
+        "name": "agent",
+        "image": alliance_spec.get("memberImage") or default_image,
+        "imagePullPolicy": image_pull_policy,
+        "command": ["alliance"],
+        "args": args,
+        "env": [*store_env(alliance_spec["store"]), *_runtime_env()],
+        "resources": INIT_RESOURCES,
+        "volumeMounts": mounts,
+        "securityContext": _container_security(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    return _pod(
+        init_pod_name(alliance),
+        labels("init", alliance),
+        {
+            "restartPolicy": "OnFailure",
+            "automountServiceAccountToken": False,
+            "enableServiceLinks": False,
+            "securityContext": _pod_security(run_as_user),
+            "containers": [container],
+            "volumes": volumes,
+        },
+    )
