@@ -26,8 +26,11 @@ class Context:
 
 
 def changed(old: dict, new: dict) -> dict:
-    """The top-level status keys whose value differs: the merge patch to write."""
-    return {k: v for k, v in new.items() if old.get(k) != v}
+    """The merge patch from ``old`` to ``new`` status: changed keys, and None (delete) for
+    keys that are gone."""
+    patch = {k: v for k, v in new.items() if old.get(k) != v}
+    patch.update({k: None for k in old if k not in new})
+    return patch
 
 
 #: Condition types whose False (or True) deserves a Warning Event.

@@ -18,7 +18,13 @@ from alliance.engine import Phase, RunSpec, RunStatus, SpecError
 from alliance.store import StoreError, run_key
 from alliance_operator import k8s
 from alliance_operator.conditions import now_rfc3339, set_condition
-from alliance_operator.constants import ALLIANCES, LABEL_ALLIANCE, LABEL_MEMBER, MEMBERS
+from alliance_operator.constants import (
+    ALLIANCES,
+    LABEL_ALLIANCE,
+    LABEL_MEMBER,
+    MEMBERS,
+    TRAININGRUNS,
+)
 from alliance_operator.handlers.common import Context, changed, report_transitions
 from alliance_operator.podstate import pod_state
 from alliance_operator.stores import StoreUnavailable
@@ -50,6 +56,13 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
     old = body.get("status") or {}
     if old.get("phase") in TERMINAL and old.get("observedGeneration") == generation:
         return {}
+    # The body kopf hands over may predate the status patch of the previous tick (it follows
+    # the watch stream); the engine must start from the status last written, so read it.
+    fresh = k8s.get_custom(namespace, TRAININGRUNS, meta["name"])
+    if fresh is None or fresh["metadata"].get("uid") != meta.get("uid"):
+        return {}
+    body, spec, generation = fresh, fresh["spec"], fresh["metadata"].get("generation")
+    old = fresh.get("status") or {}
     now = now_rfc3339()
     new = dict(old)
     conds = old.get("conditions") or []

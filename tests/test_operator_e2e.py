@@ -1,0 +1,320 @@
+"""The operator end to end: its own process, an API server, pods running real member agents,
+a real S3 server and real TensorFlow on small MNIST data.
+
+By default against the emulated cluster (tests/e2e_cluster.py); with ALLIANCE_E2E_KUBECONFIG
+set, the same tests against that real cluster. One alliance with four Members (three with
+valid data, one whose PVC holds a broken CSV) is shared by the tests of this module; each test
+starts its own TrainingRun.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from alliance.store import Store, StoreConfig
+from tests.conftest import SAMPLE_DIR, write_rows
+from tests.e2e_cluster import make_cluster, wait_for
+
+pytestmark = pytest.mark.slow
+
+GOOD_MEMBERS = ("hospital-a", "hospital-b", "hospital-c")
+BAD_MEMBER = "clinic-bad"
+ALLIANCE = "mnist"
+BUCKET = "e2e-alliance"
+TRAIN_ROWS, TEST_ROWS = 1000, 300
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3_server):
+    cluster = make_cluster(tmp_path_factory.mktemp("e2e"), s3_server)
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture(scope="module")
+def alliance(cluster, tmp_path_factory):
+    """A namespace with the store's Secret, the Alliance, four Members and their data, the
+    operator running; returns (namespace, store)."""
+    ns = cluster.create_namespace()
+    cluster.create_store_secret(ns, "alliance-store")
+    data = tmp_path_factory.mktemp("member-data")
+    for i, name in enumerate(GOOD_MEMBERS):
+        train = write_rows(data / name / "train.csv", TRAIN_ROWS, skip=TRAIN_ROWS * i)
+        test = write_rows(
+            data / name / "test.csv", TEST_ROWS, SAMPLE_DIR / "test.csv.gz", skip=TEST_ROWS * i
+        )
+        cluster.provide_data(ns, f"{name}-data", {"train.csv": train, "test.csv": test})
+    broken = write_rows(data / BAD_MEMBER / "train.csv", 50)
+    lines = broken.read_text().splitlines()
+    cells = lines[3].split(",")
+    cells[5] = "dark"  # line 4 of the file, column 1x5 (the 6th column): not a number
+    lines[3] = ",".join(cells)
+    broken.write_text("\n".join(lines) + "\n")
+    cluster.provide_data(ns, f"{BAD_MEMBER}-data", {"train.csv": broken})
+
+    cluster.start_operator(ns)
+    cluster.apply(
+        ns,
+        {
+            "apiVersion": "alliance.dev/v1alpha1",
+            "kind": "Alliance",
+            "metadata": {"name": ALLIANCE},
+            "spec": {
+                "store": {
+                    "endpoint": cluster.store_config.endpoint,
+                    "bucket": BUCKET + "-" + ns,
+                    "credentialsSecret": {"name": "alliance-store"},
+                },
+                "runDefaults": {"localEpochs": 1, "batchSize": 32},
+            },
+        },
+        *[member_manifest(name) for name in (*GOOD_MEMBERS, BAD_MEMBER)],
+    )
+    config = cluster.store_config
+    store = Store(
+        StoreConfig(config.endpoint, config.access_key, config.secret_key, BUCKET + "-" + ns),
+        retry_seconds=10,
+    )
+    for name in GOOD_MEMBERS:
+        wait_for(
+            lambda name=name: condition(cluster.get(ns, "member", name), "Ready") == "True",
+            240,
+            f"Member {name} Ready",
+            interval=0.5,
+            diagnose=lambda: cluster.diagnose(ns),
+        )
+    return ns, store
+
+
+def member_manifest(name: str) -> dict:
+    return {
+        "apiVersion": "alliance.dev/v1alpha1",
+        "kind": "Member",
+        "metadata": {"name": name},
+        "spec": {
+            "alliance": ALLIANCE,
+            "dataVolumeClaim": f"{name}-data",
+            # One CPU each: three agents share this machine's two cores without thrashing.
+            "resources": {"limits": {"cpu": "1", "memory": "2Gi"}},
+        },
+    }
+
+
+def run_manifest(name: str, **spec) -> dict:
+    return {
+        "apiVersion": "alliance.dev/v1alpha1",
+        "kind": "TrainingRun",
+        "metadata": {"name": name},
+        "spec": {
+            "alliance": ALLIANCE,
+            "rounds": 2,
+            "minMembers": 2,
+            "roundDeadlineSeconds": 600,
+            "validationDeadlineSeconds": 120,
+            **spec,
+        },
+    }
+
+
+def condition(obj: dict | None, type_: str) -> str | None:
+    for c in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if c["type"] == type_:
+            return c["status"]
+    return None
+
+
+def wait_phase(cluster, ns: str, run: str, phases: set[str], timeout: float) -> dict:
+    return wait_for(
+        lambda: (
+            (tr := cluster.get(ns, "trainingrun", run))
+            and (tr.get("status") or {}).get("phase") in phases
+            and tr
+        ),
+        timeout,
+        f"TrainingRun {run} in {sorted(phases)}",
+        interval=0.5,
+        diagnose=lambda: cluster.diagnose(ns),
+    )
+
+
+def events(cluster, ns: str, name: str) -> list[dict]:
+    out = cluster.kubectl("get", "events", "-n", ns, "-o", "json")
+    return [e for e in json.loads(out)["items"] if e["involvedObject"]["name"] == name]
+
+
+# --- the tests -------------------------------------------------------------------------------
+
+
+def test_the_alliance_is_initialised_by_its_init_pod(cluster, alliance):
+    ns, store = alliance
+    obj = wait_for(
+        lambda: (
+            (a := cluster.get(ns, "alliance", ALLIANCE)) and condition(a, "Ready") == "True" and a
+        ),
+        60,
+        "Alliance Ready",
+    )
+    assert condition(obj, "StoreReady") == "True"
+    assert condition(obj, "ModelReady") == "True"
+    assert obj["status"]["seedModelId"] == store.get_alliance()["seedModelId"]
+    # Its work done, the init pod is removed.
+    wait_for(lambda: cluster.get(ns, "pod", f"{ALLIANCE}-init") is None, 30, "init pod gone")
+
+
+def test_bad_data_in_a_members_claim_shows_in_its_status(cluster, alliance):
+    ns, _ = alliance
+    member = wait_for(
+        lambda: (
+            (m := cluster.get(ns, "member", BAD_MEMBER))
+            and condition(m, "DataReady") == "False"
+            and m
+        ),
+        120,
+        "DataReady=False on the bad member",
+        diagnose=lambda: cluster.diagnose(ns),
+    )
+    message = next(c["message"] for c in member["status"]["conditions"] if c["type"] == "DataReady")
+    assert "train.csv" in message and "line 4" in message and "1x5" in message, message
+    assert member["status"]["phase"] == "InvalidData"
+    assert condition(member, "Ready") == "False"
+    assert condition(member, "PodReady") == "True"  # the agent runs; it waits for good data
+    reasons = {e["reason"] for e in events(cluster, ns, BAD_MEMBER)}
+    assert "InvalidData" in reasons
+    table = cluster.kubectl("get", "members", "-n", ns)
+    assert table.split("\n")[0].split() == ["NAME", "ALLIANCE", "DATA", "READY", "AGE"]
+    row = next(line for line in table.splitlines() if line.startswith(BAD_MEMBER))
+    assert row.split()[1:4] == [ALLIANCE, f"{BAD_MEMBER}-data", "False"]
+
+
+def test_a_training_run_completes_with_accuracy_in_status(cluster, alliance):
+    ns, store = alliance
+    cluster.apply(ns, run_manifest("first", rounds=2))
+    tr = wait_phase(cluster, ns, "first", {"Completed", "Failed"}, 300)
+    status = tr["status"]
+    assert status["phase"] == "Completed", status.get("message")
+    assert [r["round"] for r in status["history"]] == [1, 2]
+    for record in status["history"]:
+        assert sorted(record["members"]) == sorted(GOOD_MEMBERS)
+        assert record["accuracy"] is not None
+    assert status["accuracy"] == pytest.approx(status["history"][-1]["accuracy"], abs=1e-6)
+    assert status["accuracy"] > 0.6  # 3,000 MNIST rows, 2 rounds: well above chance
+    assert condition(tr, "Completed") == "True" and condition(tr, "Invalid") == "False"
+    # The model of every round is in the store.
+    for record in status["history"]:
+        assert store.exists(f"models/{record['modelId']}.npz")
+    # kubectl shows it.
+    table = cluster.kubectl("get", "trainingruns", "-n", ns)
+    header, *rows = table.strip().splitlines()
+    assert header.split() == ["NAME", "PHASE", "ROUND", "ACCURACY", "AGE"]
+    row = next(r.split() for r in rows if r.startswith("first"))
+    assert row[1:3] == ["Completed", "2"]
+    assert float(row[3]) == pytest.approx(status["accuracy"], abs=1e-3)
+    reasons = [e["reason"] for e in events(cluster, ns, "first")]
+    assert reasons.count("RoundCompleted") >= 2 and "Completed" in reasons
+
+
+def test_the_operator_killed_mid_run_resumes_without_losing_or_repeating_a_round(cluster, alliance):
+    ns, store = alliance
+    cluster.apply(ns, run_manifest("resumed", rounds=3))
+    tr = wait_for(
+        lambda: (
+            (t := cluster.get(ns, "trainingrun", "resumed"))
+            and (t.get("status") or {}).get("round") == 2
+            and t
+        ),
+        300,
+        "round 2 of the run",
+        diagnose=lambda: cluster.diagnose(ns),
+    )
+    cluster.kill_operator()
+    time.sleep(2)  # the round goes on without a coordinator: members keep training
+    cluster.start_operator(ns)
+    tr = wait_phase(cluster, ns, "resumed", {"Completed", "Failed"}, 300)
+    status = tr["status"]
+    assert status["phase"] == "Completed", status.get("message")
+    assert [r["round"] for r in status["history"]] == [1, 2, 3]
+    # One aggregation per round, and the status's chain of models is the store's.
+    run = status["storeRun"]
+    rounds = sorted({o.key.split("/")[3] for o in store.list(f"runs/{run}/rounds/")})
+    assert rounds == ["00001", "00002", "00003"]
+    for record in status["history"]:
+        saved = store.get_round_json(run, record["round"], "aggregate.json")
+        assert saved["modelId"] == record["modelId"]
+    assert len({r["modelId"] for r in status["history"]}) == 3
+
+
+def test_a_member_pod_that_fails_drops_out_of_the_round_at_once(cluster, alliance):
+    ns, _ = alliance
+    victim = GOOD_MEMBERS[1]
+    # A long deadline: the round can only end early if the failure is noticed.
+    cluster.apply(ns, run_manifest("dropout", rounds=2, roundDeadlineSeconds=900))
+    wait_for(
+        lambda: (
+            (t := cluster.get(ns, "trainingrun", "dropout"))
+            and (t.get("status") or {}).get("stage") == "Training"
+            and victim in t["status"].get("selected", [])
+        ),
+        300,
+        "round 1 training",
+        diagnose=lambda: cluster.diagnose(ns),
+    )
+    failed_at = time.monotonic()
+    cluster.fail_pod(ns, f"{victim}-agent")
+    tr = wait_for(
+        lambda: (
+            (t := cluster.get(ns, "trainingrun", "dropout"))
+            and (t.get("status") or {}).get("history")
+            and t["status"]["history"][0].get("aggregatedAt")
+            and t
+        ),
+        120,
+        "round 1 aggregated without the failed member",
+        diagnose=lambda: cluster.diagnose(ns),
+    )
+    assert time.monotonic() - failed_at < 90  # not the 900 s deadline
+    first = tr["status"]["history"][0]
+    assert victim in first["dropped"] and victim not in first["members"]
+    reasons = {e["reason"] for e in events(cluster, ns, victim)}
+    assert "PodFailed" in reasons
+    # The operator replaces the failed pod; the member is back for later runs.
+    wait_for(
+        lambda: condition(cluster.get(ns, "member", victim), "Ready") == "True",
+        240,
+        f"{victim} Ready again",
+        diagnose=lambda: cluster.diagnose(ns),
+    )
+    tr = wait_phase(cluster, ns, "dropout", {"Completed", "Failed"}, 300)
+    assert tr["status"]["phase"] == "Completed", tr["status"].get("message")
+
+
+def test_an_invalid_run_spec_gets_an_invalid_condition(cluster, alliance):
+    ns, _ = alliance
+    cluster.apply(ns, run_manifest("invalid", membersPerRound=2, minMembers=3))
+    tr = wait_for(
+        lambda: (
+            (t := cluster.get(ns, "trainingrun", "invalid"))
+            and condition(t, "Invalid") == "True"
+            and t
+        ),
+        30,
+        "Invalid=True",
+        diagnose=lambda: cluster.diagnose(ns),
+    )
+    message = next(c["message"] for c in tr["status"]["conditions"] if c["type"] == "Invalid")
+    assert "minMembers" in message
+    assert tr["status"]["phase"] == "Failed"
+
+
+def test_deleting_a_run_with_the_delete_policy_removes_its_objects(cluster, alliance):
+    ns, store = alliance
+    cluster.apply(ns, run_manifest("scratch", rounds=1, storeCleanupPolicy="Delete"))
+    tr = wait_phase(cluster, ns, "scratch", {"Completed", "Failed"}, 300)
+    run = tr["status"]["storeRun"]
+    assert store.list(f"runs/{run}/")
+    cluster.kubectl("delete", "trainingrun", "scratch", "-n", ns, "--wait=true", "--timeout=60s")
+    assert cluster.get(ns, "trainingrun", "scratch") is None
+    assert store.list(f"runs/{run}/") == []
+    assert not store.exists(f"tasks/{run}.json")
