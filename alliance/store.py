@@ -344,6 +344,14 @@ class Store:
     def list_heartbeats(self) -> list[ObjectInfo]:
         return self.list("members/")
 
+    def get_heartbeat(self, member: str) -> tuple[dict | None, float | None]:
+        """A member's heartbeat and when it was last written (epoch seconds)."""
+        key = heartbeat_key(member)
+        found = [o for o in self.list(key) if o.key == key]
+        if not found:
+            return None, None
+        return self.get_json(key), found[0].last_modified
+
     # --- tasks: one object per run, naming the round, the kind of work and the members ------
 
     def put_task(self, run: str, task: dict) -> None:

@@ -408,14 +408,6 @@ def test_names_and_label_values_are_valid_for_ordinary_member_names(name):
     assert cli.build_parser().parse_args(container(pod)["args"]).name == name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG resources/pods.py labels(): a Member (or Alliance) name is copied verbatim into "
-    "the alliance.dev/member (alliance.dev/alliance) label value, which Kubernetes limits to 63 "
-    "characters, while custom resource names may have up to 253: the API server rejects the "
-    "pod (422) and the Member never gets one. A 247+ character name also overflows the pod name "
-    "(<member>-agent > 253).",
-)
 def test_a_long_member_name_still_gives_a_valid_pod():
     name = "university-hospital-of-somewhere-department-of-radiology-mnist-2"  # 64 characters
     assert len(name) == 64 and DNS_SUBDOMAIN.match(name)
@@ -977,14 +969,6 @@ def test_effective_spec_of_a_defaulted_trainingrun_is_runspecs_default():
     assert RunSpec.from_dict(with_defaults) == RunSpec(local_epochs=4, aggregator="median")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DESIGN BUG handlers/trainingrun.py effective_spec(): runDefaults.aggregatorParams "
-    "apply even when the run names its own aggregator, so a run choosing median under an "
-    "alliance whose defaults are fedadam with {beta1: 0.8} is rejected (Invalid: "
-    "'median: unknown parameter beta1'): parameters the user never wrote, for an aggregator "
-    "the run does not use.",
-)
 def test_run_with_its_own_aggregator_does_not_inherit_another_aggregators_params():
     merged = effective_spec(
         {"alliance": "mnist", "aggregator": "median"},

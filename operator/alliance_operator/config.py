@@ -45,4 +45,10 @@ class OperatorConfig:
                 raise ValueError(
                     f"{PREFIX}{f.name.upper()}: not a {kind.__name__}: {raw!r}"
                 ) from exc
-        return cls(**values)
+        config = cls(**values)
+        if config.run_as_user <= 0:
+            raise ValueError(f"{PREFIX}RUN_AS_USER: member pods run as non-root: use a uid > 0")
+        for name in ("heartbeat_timeout", "run_interval", "member_interval", "alliance_interval"):
+            if getattr(config, name) <= 0:
+                raise ValueError(f"{PREFIX}{name.upper()}: must be positive")
+        return config

@@ -10,7 +10,7 @@ import kopf
 
 from alliance.store import StoreError
 from alliance_operator import k8s
-from alliance_operator.conditions import now_rfc3339, set_condition
+from alliance_operator.conditions import is_true, now_rfc3339, set_condition
 from alliance_operator.handlers.common import Context, changed, report_transitions
 from alliance_operator.podstate import PodHealth, pod_state
 from alliance_operator.resources.pods import init_pod, init_pod_name
@@ -56,7 +56,8 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
             f"{what} with {manifest.get('parameters', '?')} parameters, "
             f"seed model {manifest['seedModelId'][:12]}",
         )
-        k8s.delete_pod(namespace, pod_name)  # its work is done (no-op when already gone)
+        if not is_true(old.get("conditions"), "ModelReady"):
+            k8s.delete_pod(namespace, pod_name)  # its work is done (no-op when already gone)
     elif conds and any(c["type"] == "StoreReady" and c["status"] == "True" for c in conds):
         state = pod_state(k8s.get_pod(namespace, pod_name))
         if state.health == PodHealth.ABSENT:
@@ -71,6 +72,10 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
             k8s.create_pod(namespace, pod)
             logger.info("created pod %s to initialise the alliance", pod_name)
             cond("ModelReady", False, "Initializing", f"pod {pod_name} creates the seed model")
+        elif state.health == PodHealth.SUCCEEDED:
+            # It exited 0 yet the bucket holds no alliance.json (deleted since?): again.
+            cond("ModelReady", False, "InitFailed", f"pod {pod_name} left no model: retrying")
+            k8s.delete_pod(namespace, pod_name)
         elif state.health in (PodHealth.STUCK, PodHealth.FAILED) or state.exit_message:
             message = state.message or state.exit_message
             cond("ModelReady", False, "InitFailed", f"pod {pod_name}: {state.reason}: {message}")

@@ -33,13 +33,33 @@ def changed(old: dict, new: dict) -> dict:
     return patch
 
 
-#: Condition types whose False (or True) deserves a Warning Event.
-WARN_WHEN_FALSE = {"StoreReady", "ModelReady", "DataReady", "PodReady", "AllianceFound"}
-WARN_WHEN_TRUE = {"Invalid"}
+#: Reasons of a False or Unknown condition that are normal progress (a pod being created, an
+#: agent validating its data), not trouble: their Events are Normal, not Warnings.
+PROGRESS_REASONS = frozenset(
+    {
+        "Initializing",
+        "WaitingForStore",
+        "PodAbsent",
+        "Pending",
+        "ContainerCreating",
+        "PodInitializing",
+        "Terminating",
+        "NoHeartbeat",
+        "Validating",
+        "Valid",
+        "Running",
+    }
+)
+#: Summaries of other conditions, or news the run's own Events (Started, RoundCompleted,
+#: Completed, Failed) already tell.
+SILENT_TYPES = frozenset({"Ready", "Progressing", "Completed"})
+#: Conditions whose True is the trouble.
+TRUE_IS_BAD = frozenset({"Invalid"})
 
 
 def report_transitions(body: dict, old: list[dict] | None, new: list[dict]) -> None:
-    """An Event for every condition that changed status or reason."""
+    """An Event for every condition that changed status or reason: a Warning when it now
+    reports trouble, Normal otherwise."""
     before = {c["type"]: c for c in old or ()}
     for cond in new:
         prev = before.get(cond["type"])
@@ -47,12 +67,16 @@ def report_transitions(body: dict, old: list[dict] | None, new: list[dict]) -> N
             continue
         if prev is None and cond["status"] == "Unknown":
             continue  # nothing learned yet
-        warn = (cond["status"] == "False" and cond["type"] in WARN_WHEN_FALSE) or (
-            cond["status"] == "True" and cond["type"] in WARN_WHEN_TRUE
+        if cond["type"] in SILENT_TYPES:
+            continue
+        bad = (
+            cond["status"] == "True"
+            if cond["type"] in TRUE_IS_BAD
+            else (cond["status"] == "False" and cond["reason"] not in PROGRESS_REASONS)
         )
         kopf.event(
             body,
-            type="Warning" if warn else "Normal",
+            type="Warning" if bad else "Normal",
             reason=cond["reason"],
             message=f"{cond['type']}={cond['status']}: {cond['message']}"[:1024],
         )

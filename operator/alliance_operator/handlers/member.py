@@ -8,9 +8,11 @@ API rights, the store is their only channel.
 
 from __future__ import annotations
 
+import time
+
 import kopf
 
-from alliance.store import StoreError, heartbeat_key
+from alliance.store import StoreError
 from alliance_operator import k8s
 from alliance_operator.conditions import now_rfc3339, set_condition
 from alliance_operator.constants import ALLIANCES, ANNOTATION_SPEC_HASH
@@ -80,20 +82,28 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
     pod_ok = state.health == PodHealth.RUNNING
     cond("PodReady", pod_ok, state.reason, f"pod {pod_name}: {state.message}")
 
+    beat, beat_age = None, None
     try:
-        beat = ctx.stores.for_alliance(namespace, alliance).get_json(heartbeat_key(name))
+        beat, written = ctx.stores.for_alliance(namespace, alliance).get_heartbeat(name)
     except (StoreUnavailable, StoreError) as exc:
-        beat = None
         cond("DataReady", None, "StoreUnreachable", f"cannot read the agent's heartbeat: {exc}")
     else:
         _data_condition(cond, beat)
+        beat_age = None if written is None else max(0.0, time.time() - written)
+    stale = beat_age is not None and beat_age > ctx.config.heartbeat_timeout
 
     data_ok = any(c["type"] == "DataReady" and c["status"] == "True" for c in conds)
     data_bad = any(c["type"] == "DataReady" and c["status"] == "False" for c in conds)
     if beat and beat.get("state") == "ready":
         new["trainRows"] = int(beat.get("trainRows") or 0)
         new["testRows"] = int(beat.get("testRows") or 0)
-    if pod_ok and data_ok:
+    if pod_ok and data_ok and stale:
+        # The pod runs but the agent is silent (hung, or cut off from the store): the runs
+        # count it as lost, so it is not Ready either.
+        message = f"no heartbeat for {beat_age:.0f} s (the agent may be hung or cut off)"
+        cond("Ready", False, "HeartbeatStale", message)
+        new.update(phase="Unresponsive", message=message)
+    elif pod_ok and data_ok:
         cond("Ready", True, "Ready", "the agent runs with valid data and takes work")
         new.update(phase="Ready", message="taking work")
     elif data_bad:

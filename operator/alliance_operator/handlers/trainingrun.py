@@ -17,16 +17,17 @@ from alliance.coordinator import Coordinator, pin_spec
 from alliance.engine import Phase, RunSpec, RunStatus, SpecError
 from alliance.store import StoreError, run_key
 from alliance_operator import k8s
-from alliance_operator.conditions import now_rfc3339, set_condition
+from alliance_operator.conditions import is_true, now_rfc3339, set_condition
 from alliance_operator.constants import (
     ALLIANCES,
     LABEL_ALLIANCE,
-    LABEL_MEMBER,
+    LABEL_COMPONENT,
     MEMBERS,
     TRAININGRUNS,
 )
 from alliance_operator.handlers.common import Context, changed, report_transitions
 from alliance_operator.podstate import pod_state
+from alliance_operator.resources.pods import member_pod_name, short_name
 from alliance_operator.stores import StoreUnavailable
 
 #: The TrainingRun spec fields that are the engine's RunSpec (the rest are the operator's).
@@ -43,9 +44,16 @@ def store_run(body: dict) -> str:
 
 
 def effective_spec(spec: dict, run_defaults: dict | None) -> dict:
-    """The run's own fields, else the Alliance's runDefaults; the engine fills the rest."""
+    """The run's own fields, else the Alliance's runDefaults; the engine fills the rest.
+
+    The default aggregatorParams belong to the default aggregator: a run that picks another
+    aggregator does not inherit them.
+    """
     merged = {k: v for k, v in (run_defaults or {}).items() if k in RUN_FIELDS}
-    merged.update({k: v for k, v in spec.items() if k in RUN_FIELDS and v is not None})
+    own = {k: v for k, v in spec.items() if k in RUN_FIELDS and v is not None}
+    if own.get("aggregator", merged.get("aggregator")) != merged.get("aggregator"):
+        merged.pop("aggregatorParams", None)
+    merged.update(own)
     return merged
 
 
@@ -54,7 +62,11 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
     namespace, generation = meta["namespace"], meta.get("generation")
     spec = body["spec"]
     old = body.get("status") or {}
-    if old.get("phase") in TERMINAL and old.get("observedGeneration") == generation:
+    if (
+        old.get("phase") in TERMINAL
+        and old.get("observedGeneration") == generation
+        and not is_true(old.get("conditions"), "Invalid")  # runDefaults may be fixed since
+    ):
         return {}
     # The body kopf hands over may predate the status patch of the previous tick (it follows
     # the watch stream); the engine must start from the status last written, so read it.
@@ -85,17 +97,24 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
         return finish()
     cond("AllianceFound", True, "Found", f'Alliance "{spec["alliance"]}"')
 
+    defaults = alliance["spec"].get("runDefaults")
+    started = "storeRun" in old  # its spec is pinned in the store: edits no longer apply
     try:
-        run_spec = RunSpec.from_dict(effective_spec(spec, alliance["spec"].get("runDefaults")))
+        run_spec = RunSpec.from_dict(effective_spec(spec, defaults))
     except SpecError as exc:
-        cond("Invalid", True, "InvalidSpec", str(exc))
-        new.update(phase=Phase.FAILED.value, message=str(exc))
-        return finish()
-    if any(c["type"] == "Invalid" and c["status"] == "True" for c in conds) and not old.get(
-        "round"
-    ):
-        new = {"conditions": conds}  # fixed before it started: start afresh
-    cond("Invalid", False, "Valid", "the spec is valid")
+        message = str(exc)
+        if exc.field not in spec and exc.field in (defaults or {}):
+            message += f' (from Alliance "{spec["alliance"]}" spec.runDefaults)'
+        if not started:
+            cond("Invalid", True, "InvalidSpec", message)
+            new.update(phase=Phase.FAILED.value, message=message)
+            return finish()
+        cond("Invalid", True, "InvalidSpec", f"{message}; ignored: the run keeps its first spec")
+        run_spec = None
+    else:
+        if is_true(conds, "Invalid") and not started:
+            new = {"conditions": conds}  # fixed before it started: start afresh
+        cond("Invalid", False, "Valid", "the spec is valid")
 
     try:
         store = ctx.stores.for_alliance(namespace, alliance)
@@ -105,15 +124,20 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
         status = coordinator.reconcile(RunStatus.from_dict(new))
     except StoreUnavailable as exc:
         cond("StoreReady", False, exc.reason, exc.message)
+        new.setdefault("phase", Phase.PENDING.value)
         new["message"] = f"store unavailable: {exc.message}"
         return finish()
     except StoreError as exc:
         cond("StoreReady", False, "StoreUnreachable", str(exc))
+        new.setdefault("phase", Phase.PENDING.value)
         new["message"] = f"store unreachable: {exc}"
         return finish()
     cond("StoreReady", True, "Connected", f"run objects under runs/{store_run(body)}/")
 
-    new.update(status.to_dict())
+    # The API server drops nulls inside status (none of these fields is nullable): leave them
+    # out here too, or every pass would see a change and write the status again.
+    # (A None at the top level stays: the merge patch deletes that key.)
+    new.update({k: _without_nulls(v) for k, v in status.to_dict().items()})
     new["storeRun"] = store_run(body)
     validated = [r for r in status.history if r.accuracy is not None]
     if validated:
@@ -141,16 +165,24 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
     return finish()
 
 
-def _coordinator(ctx: Context, body: dict, store, run_spec: RunSpec) -> Coordinator:
+def _coordinator(ctx: Context, body: dict, store, run_spec: RunSpec | None) -> Coordinator:
+    """The run's coordinator, on the spec pinned when the run started (``run_spec`` None: the
+    edited spec is invalid, use the pinned one)."""
     uid = body["metadata"]["uid"]
     with ctx.lock:
         cached = ctx.coordinators.get(uid)
     if cached is not None and cached.store is store:
         return cached
+    run = store_run(body)
+    if run_spec is None:
+        saved = store.get_json(run_key(run, "spec.json"))
+        if saved is None:
+            raise StoreError(f"runs/{run}/spec.json is missing from the store")
+        run_spec = RunSpec.from_dict(saved)
     coordinator = Coordinator(
         store,
-        store_run(body),
-        pin_spec(store, store_run(body), run_spec),
+        run,
+        pin_spec(store, run, run_spec),
         heartbeat_timeout=ctx.config.heartbeat_timeout,
     )
     with ctx.lock:
@@ -165,11 +197,17 @@ def _member_pods(namespace: str, alliance: str) -> dict:
         for m in k8s.list_custom(namespace, MEMBERS)
         if (m.get("spec") or {}).get("alliance") == alliance
     ]
-    pods = {
-        p["metadata"]["labels"].get(LABEL_MEMBER): p
-        for p in k8s.list_pods(namespace, f"{LABEL_ALLIANCE}={alliance},{LABEL_MEMBER}")
-    }
-    return {m: pod_state(pods.get(m)) for m in members}
+    selector = f"{LABEL_ALLIANCE}={short_name(alliance)},{LABEL_COMPONENT}=member"
+    pods = {p["metadata"]["name"]: p for p in k8s.list_pods(namespace, selector)}
+    return {m: pod_state(pods.get(member_pod_name(m))) for m in members}
+
+
+def _without_nulls(value):
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def _round_events(body: dict, old: dict, status: RunStatus) -> None:

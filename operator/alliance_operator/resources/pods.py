@@ -8,6 +8,7 @@ their only channel), writable scratch space only in emptyDirs.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 
@@ -23,10 +24,11 @@ from alliance_operator.constants import (
     TMP_MOUNT_PATH,
 )
 
-#: Used when a Member sets no resources: enough for the built-in CNN on MNIST-sized data.
+#: Used when a Member sets no resources: enough for the built-in CNN on MNIST-sized data. The
+#: CPU limit also sizes the agent's TensorFlow thread pools (ALLIANCE_CPU_THREADS).
 DEFAULT_MEMBER_RESOURCES = {
     "requests": {"cpu": "500m", "memory": "1Gi"},
-    "limits": {"memory": "4Gi"},
+    "limits": {"cpu": "2", "memory": "4Gi"},
 }
 INIT_RESOURCES = {
     "requests": {"cpu": "250m", "memory": "512Mi"},
@@ -34,12 +36,26 @@ INIT_RESOURCES = {
 }
 
 
+#: A pod's name is its hostname, and label values have the same limit: a DNS label.
+MAX_NAME = 63
+
+
+def short_name(name: str, suffix: str = "") -> str:
+    """``name + suffix`` within 63 characters: a custom resource's name may have 253, so a long
+    one keeps its head and gets a digest of the whole, which keeps distinct names distinct."""
+    if len(name) + len(suffix) <= MAX_NAME:
+        return name + suffix
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    head = name[: MAX_NAME - len(suffix) - len(digest) - 1].rstrip("-.")
+    return f"{head}-{digest}{suffix}"
+
+
 def member_pod_name(member: str) -> str:
-    return f"{member}-agent"
+    return short_name(member, "-agent")
 
 
 def init_pod_name(alliance: str) -> str:
-    return f"{alliance}-init"
+    return short_name(alliance, "-init")
 
 
 def labels(component: str, alliance: str, member: str | None = None) -> dict[str, str]:
@@ -48,10 +64,10 @@ def labels(component: str, alliance: str, member: str | None = None) -> dict[str
         "app.kubernetes.io/part-of": "alliance",
         "app.kubernetes.io/managed-by": MANAGED_BY,
         LABEL_COMPONENT: component,
-        LABEL_ALLIANCE: alliance,
+        LABEL_ALLIANCE: short_name(alliance),
     }
     if member is not None:
-        out[LABEL_MEMBER] = member
+        out[LABEL_MEMBER] = short_name(member)
     return out
 
 
@@ -183,7 +199,7 @@ def member_pod(
         "command": ["alliance"],
         "args": args,
         "env": env,
-        "resources": member_spec.get("resources") or DEFAULT_MEMBER_RESOURCES,
+        "resources": copy.deepcopy(member_spec.get("resources") or DEFAULT_MEMBER_RESOURCES),
         "volumeMounts": mounts,
         "securityContext": _container_security(),
         # A container that dies leaves the tail of its log as the termination message: the
@@ -230,7 +246,7 @@ def init_pod(
         "command": ["alliance"],
         "args": args,
         "env": [*store_env(alliance_spec["store"]), *_runtime_env()],
-        "resources": INIT_RESOURCES,
+        "resources": copy.deepcopy(INIT_RESOURCES),
         "volumeMounts": mounts,
         "securityContext": _container_security(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
