@@ -347,11 +347,15 @@ def _training(spec: RunSpec, status: RunStatus, obs: Observed):
     selected = set(status.selected)
     updated = selected & obs.updates
     failed = {m: r for m, r in obs.failures.items() if m in selected and m not in updated}
-    lost = (selected & obs.lost) - updated - set(failed)
+    record = status.current
+    # A member once seen lost stays out of this round even if it comes back (a replaced pod,
+    # a restarted process): the round does not wait for it to train again. Its update still
+    # counts if it arrives before the round moves on.
+    lost = ((selected & obs.lost) | set(record.dropped)) - updated - set(failed)
     waiting = selected - updated - set(failed) - lost
     late = obs.now >= status.stage_started_at + spec.round_deadline_seconds
-    record = status.current
     if waiting and not late:
+        record.dropped = sorted(lost)
         status.message = (
             f"round {status.round}: training, {len(updated)} of {len(selected)} updates in"
         )

@@ -87,6 +87,29 @@ def test_lost_member_is_dropped_without_waiting_for_the_deadline():
     assert status.current.dropped == ["c"]
 
 
+def test_a_member_lost_mid_round_stays_out_of_it_when_it_comes_back():
+    # Its pod failed and was replaced: the new agent is healthy, but the round does not wait
+    # for it to train again from scratch.
+    spec = RunSpec(min_members=2, round_deadline_seconds=600)
+    status, _ = started(spec)
+    status, actions = step(spec, status, obs(5, lost=frozenset({"c"})))
+    assert actions == [] and status.current.dropped == ["c"]
+    status, actions = step(spec, status, obs(6, updates=frozenset({"a"})))  # c is back
+    assert actions == [] and status.message == "round 1: training, 1 of 3 updates in"
+    status, actions = step(spec, status, obs(9, updates=frozenset({"a", "b"})))
+    assert actions == [Aggregate(1, ("a", "b"), SEED, None)]
+    assert status.current.dropped == ["c"]
+
+
+def test_an_update_from_a_dropped_member_still_counts_while_the_round_waits():
+    spec = RunSpec(min_members=2, round_deadline_seconds=600)
+    status, _ = started(spec)
+    status, _ = step(spec, status, obs(5, lost=frozenset({"c"})))
+    status, actions = step(spec, status, obs(9, updates=frozenset({"a", "b", "c"})))
+    assert actions == [Aggregate(1, M3, SEED, None)]
+    assert status.current.dropped == []
+
+
 def test_deadline_drops_stragglers_when_quorum_is_met():
     spec = RunSpec(min_members=2, round_deadline_seconds=60)
     status, _ = started(spec)

@@ -249,8 +249,9 @@ def test_the_operator_killed_mid_run_resumes_without_losing_or_repeating_a_round
 def test_a_member_pod_that_fails_drops_out_of_the_round_at_once(cluster, alliance):
     ns, _ = alliance
     victim = GOOD_MEMBERS[1]
-    # A long deadline: the round can only end early if the failure is noticed.
-    cluster.apply(ns, run_manifest("dropout", rounds=2, roundDeadlineSeconds=900))
+    # A long deadline: the round can only end early if the failure is noticed. Five local
+    # epochs: the victim is still training when its pod fails.
+    cluster.apply(ns, run_manifest("dropout", rounds=1, localEpochs=5, roundDeadlineSeconds=900))
     wait_for(
         lambda: (
             (t := cluster.get(ns, "trainingrun", "dropout"))
@@ -261,6 +262,7 @@ def test_a_member_pod_that_fails_drops_out_of_the_round_at_once(cluster, allianc
         "round 1 training",
         diagnose=lambda: cluster.diagnose(ns),
     )
+    old_pod = cluster.get(ns, "pod", f"{victim}-agent")["metadata"]["uid"]
     failed_at = time.monotonic()
     cluster.fail_pod(ns, f"{victim}-agent")
     tr = wait_for(
@@ -280,6 +282,16 @@ def test_a_member_pod_that_fails_drops_out_of_the_round_at_once(cluster, allianc
     reasons = {e["reason"] for e in events(cluster, ns, victim)}
     assert "PodFailed" in reasons
     # The operator replaces the failed pod; the member is back for later runs.
+    wait_for(
+        lambda: (
+            (pod := cluster.get(ns, "pod", f"{victim}-agent"))
+            and pod["metadata"]["uid"] != old_pod
+            and pod["status"].get("phase") == "Running"
+        ),
+        120,
+        f"a new pod for {victim}",
+        diagnose=lambda: cluster.diagnose(ns),
+    )
     wait_for(
         lambda: condition(cluster.get(ns, "member", victim), "Ready") == "True",
         240,
