@@ -36,3 +36,30 @@ def test_the_coordinator_side_does_not_load_tensorflow():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+OPERATOR = Path(__file__).resolve().parents[1] / "operator" / "alliance_operator"
+
+
+def test_the_operator_reuses_the_engine_and_does_not_load_tensorflow():
+    # Its image carries no TensorFlow: models are built by the init pod (member image).
+    code = (
+        "import sys, alliance_operator.main\n"
+        "print([m for m in ('tensorflow', 'keras') if m in sys.modules], "
+        "'alliance.coordinator' in sys.modules, 'alliance.engine' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[] True True"
+
+
+def test_only_main_knows_kopf_decorators_and_only_k8s_calls_the_api():
+    for path in OPERATOR.rglob("*.py"):
+        text = path.read_text()
+        name = str(path.relative_to(OPERATOR))
+        if name != "main.py":
+            assert "@kopf." not in text, f"{name} registers kopf handlers"
+        if name != "k8s.py":
+            assert "kubernetes" not in imported_modules(path), f"{name} imports kubernetes"
+    builders = OPERATOR / "resources"
+    for path in builders.rglob("*.py"):
+        assert imported_modules(path) & {"kopf", "kubernetes", "time", "datetime"} == set(), path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 EPILOG = """\
@@ -79,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         debug=args.debug,
         log_format=kopf.LogFormat[args.log_format.upper()],
     )
+    if not args.debug:  # --verbose is about the handlers, not every HTTP request
+        for noisy in ("urllib3", "kubernetes", "minio"):
+            logging.getLogger(noisy).setLevel(logging.INFO)
     try:
         import alliance_operator.main  # noqa: F401  (registers the handlers)
     except ValueError as exc:  # a bad ALLIANCE_OPERATOR_* setting
