@@ -86,7 +86,9 @@ def alliance(cluster, tmp_path_factory):
             interval=0.5,
             diagnose=lambda: cluster.diagnose(ns),
         )
-    return ns, store
+    yield ns, store
+    # While the operator still runs: it removes its finalizers as the namespace empties.
+    cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
 def member_manifest(name: str) -> dict:

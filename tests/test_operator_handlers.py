@@ -804,8 +804,14 @@ def test_member_with_a_stale_heartbeat_is_not_ready(cluster, events, alliance, s
     op.reconcile("Member", MEMBER)
     assert op.condition("Member", MEMBER, "Ready") == ("True", "Ready")
     time.sleep(2.5)  # well past the 1 s heartbeat timeout, even at 1 s mtime resolution
+    seen = len(events)
     op.reconcile("Member", MEMBER)
-    assert op.condition("Member", MEMBER, "Ready")[0] != "True"
+    assert op.condition("Member", MEMBER, "Ready") == ("False", "HeartbeatStale")
+    assert op.status("Member", MEMBER)["phase"] == "Unresponsive"
+    assert [e[:2] for e in op.new_events(seen)] == [("Warning", "HeartbeatStale")]
+    seen = len(events)
+    op.reconcile("Member", MEMBER)  # still stale: no second Warning
+    assert op.new_events(seen) == []
 
 
 # --- TrainingRun -------------------------------------------------------------------------------
@@ -1128,3 +1134,31 @@ def test_a_run_invalid_through_run_defaults_recovers_when_the_alliance_is_fixed(
     op.reconcile("TrainingRun", RUN)
     assert op.condition("TrainingRun", RUN, "Invalid") == ("False", "Valid")
     assert op.status("TrainingRun", RUN)["phase"] == "Running"
+
+
+def test_edits_apply_until_round_one_and_are_reported_ignored_after(
+    op, cluster, events, federation, s3, seed
+):
+    # Pending (one member only is ready, minMembers 2): an edit still applies.
+    s3.put_heartbeat("m2", {"state": "starting"})
+    cluster.apply("TrainingRun", RUN, run_spec(minMembers=2, rounds=2))
+    op.reconcile("TrainingRun", RUN)
+    status = op.status("TrainingRun", RUN)
+    assert status["phase"] == "Pending"
+    cluster.apply("TrainingRun", RUN, run_spec(minMembers=2, rounds=3))
+    op.reconcile("TrainingRun", RUN)
+    pinned = s3.get_json(run_key(status["storeRun"], "spec.json"))
+    assert pinned["rounds"] == 3
+    # Started: the spec is pinned; a valid edit is reported as ignored, once.
+    s3.put_heartbeat("m2", {"state": "ready", "trainRows": 600, "testRows": 200})
+    time.sleep(1.1)  # the coordinator re-lists heartbeats at most once a second
+    op.reconcile("TrainingRun", RUN)
+    assert op.status("TrainingRun", RUN)["round"] == 1
+    cluster.apply("TrainingRun", RUN, run_spec(minMembers=2, rounds=5))
+    seen = len(events)
+    op.reconcile("TrainingRun", RUN)
+    assert ("Warning", "SpecChangeIgnored") in [e[:2] for e in op.new_events(seen)]
+    assert s3.get_json(run_key(status["storeRun"], "spec.json"))["rounds"] == 3
+    seen = len(events)
+    op.reconcile("TrainingRun", RUN)
+    assert op.new_events(seen) == []

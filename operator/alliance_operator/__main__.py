@@ -28,6 +28,7 @@ settings (environment):
   ALLIANCE_OPERATOR_RUN_INTERVAL        seconds between two reconciles of a run (1)
   ALLIANCE_OPERATOR_MEMBER_INTERVAL     ... of a member (3)
   ALLIANCE_OPERATOR_ALLIANCE_INTERVAL   ... of an alliance (10)
+  ALLIANCE_OPERATOR_STORE_RETRY_SECONDS how long one store call retries within a reconcile (5)
 
 examples:
   alliance-operator --all-namespaces

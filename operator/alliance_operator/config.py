@@ -48,7 +48,14 @@ class OperatorConfig:
         config = cls(**values)
         if config.run_as_user <= 0:
             raise ValueError(f"{PREFIX}RUN_AS_USER: member pods run as non-root: use a uid > 0")
-        for name in ("heartbeat_timeout", "run_interval", "member_interval", "alliance_interval"):
+        positive = (
+            "heartbeat_timeout",
+            "run_interval",
+            "member_interval",
+            "alliance_interval",
+            "store_retry_seconds",
+        )
+        for name in positive:
             if getattr(config, name) <= 0:
                 raise ValueError(f"{PREFIX}{name.upper()}: must be positive")
         return config

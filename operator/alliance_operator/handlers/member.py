@@ -101,6 +101,9 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
         # The pod runs but the agent is silent (hung, or cut off from the store): the runs
         # count it as lost, so it is not Ready either.
         message = f"no heartbeat for {beat_age:.0f} s (the agent may be hung or cut off)"
+        ready_before = next((c for c in conds if c["type"] == "Ready"), {})
+        if ready_before.get("reason") != "HeartbeatStale":
+            kopf.warn(body, reason="HeartbeatStale", message=message)
         cond("Ready", False, "HeartbeatStale", message)
         new.update(phase="Unresponsive", message=message)
     elif pod_ok and data_ok:

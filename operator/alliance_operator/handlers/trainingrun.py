@@ -98,7 +98,8 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
     cond("AllianceFound", True, "Found", f'Alliance "{spec["alliance"]}"')
 
     defaults = alliance["spec"].get("runDefaults")
-    started = "storeRun" in old  # its spec is pinned in the store: edits no longer apply
+    # From round 1 on, the spec is pinned in the store: edits no longer apply.
+    started = int(old.get("round") or 0) >= 1
     try:
         run_spec = RunSpec.from_dict(effective_spec(spec, defaults))
     except SpecError as exc:
@@ -118,7 +119,14 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
 
     try:
         store = ctx.stores.for_alliance(namespace, alliance)
-        coordinator = _coordinator(ctx, body, store, run_spec)
+        coordinator = _coordinator(ctx, body, store, run_spec, started)
+        edited = old.get("observedGeneration") != generation
+        if edited and run_spec is not None and coordinator.spec != run_spec:
+            kopf.warn(
+                body,
+                reason="SpecChangeIgnored",
+                message="the run keeps the spec it started with; edit a new TrainingRun",
+            )
         members = _member_pods(namespace, spec["alliance"])
         coordinator.lost_members = lambda: {m for m, state in members.items() if state.lost}
         status = coordinator.reconcile(RunStatus.from_dict(new))
@@ -165,26 +173,27 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
     return finish()
 
 
-def _coordinator(ctx: Context, body: dict, store, run_spec: RunSpec | None) -> Coordinator:
-    """The run's coordinator, on the spec pinned when the run started (``run_spec`` None: the
-    edited spec is invalid, use the pinned one)."""
+def _coordinator(
+    ctx: Context, body: dict, store, run_spec: RunSpec | None, started: bool
+) -> Coordinator:
+    """The run's coordinator. Until round 1 starts it follows the spec as edited; from then on
+    it keeps the spec pinned in the store (``run_spec`` None: the edited spec is invalid)."""
     uid = body["metadata"]["uid"]
     with ctx.lock:
         cached = ctx.coordinators.get(uid)
-    if cached is not None and cached.store is store:
+    if cached is not None and cached.store is store and (started or cached.spec == run_spec):
         return cached
     run = store_run(body)
-    if run_spec is None:
+    if not started:
+        store.put_json(run_key(run, "spec.json"), run_spec.to_dict())
+    elif run_spec is None:
         saved = store.get_json(run_key(run, "spec.json"))
         if saved is None:
             raise StoreError(f"runs/{run}/spec.json is missing from the store")
         run_spec = RunSpec.from_dict(saved)
-    coordinator = Coordinator(
-        store,
-        run,
-        pin_spec(store, run, run_spec),
-        heartbeat_timeout=ctx.config.heartbeat_timeout,
-    )
+    else:
+        run_spec = pin_spec(store, run, run_spec)
+    coordinator = Coordinator(store, run, run_spec, heartbeat_timeout=ctx.config.heartbeat_timeout)
     with ctx.lock:
         ctx.coordinators[uid] = coordinator
     return coordinator

@@ -32,7 +32,7 @@ DEFAULT_MEMBER_RESOURCES = {
 }
 INIT_RESOURCES = {
     "requests": {"cpu": "250m", "memory": "512Mi"},
-    "limits": {"memory": "2Gi"},
+    "limits": {"cpu": "1", "memory": "2Gi"},
 }
 
 
