@@ -204,6 +204,10 @@ def test_a_training_run_completes_with_accuracy_in_status(cluster, alliance):
     assert status["accuracy"] == pytest.approx(status["history"][-1]["accuracy"], abs=1e-6)
     assert status["accuracy"] > 0.6  # 3,000 MNIST rows, 2 rounds: well above chance
     assert condition(tr, "Completed") == "True" and condition(tr, "Invalid") == "False"
+    # kopf's bookkeeping lives under the API group, not under kopf's own names.
+    assert tr["metadata"]["finalizers"] == ["alliance.dev/finalizer"]
+    assert not [k for k in tr["metadata"].get("annotations", {}) if "kopf" in k]
+    assert "kopf" not in tr["status"]
     # The model of every round is in the store.
     for record in status["history"]:
         assert store.exists(f"models/{record['modelId']}.npz")
