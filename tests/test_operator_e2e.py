@@ -206,7 +206,8 @@ def test_a_training_run_completes_with_accuracy_in_status(cluster, alliance):
     assert condition(tr, "Completed") == "True" and condition(tr, "Invalid") == "False"
     # kopf's bookkeeping lives under the API group, not under kopf's own names.
     assert tr["metadata"]["finalizers"] == ["alliance.dev/finalizer"]
-    assert not [k for k in tr["metadata"].get("annotations", {}) if "kopf" in k]
+    kopf_keys = [k for k in tr["metadata"].get("annotations", {}) if "kopf" in k]
+    assert kopf_keys and all(k.startswith("alliance.dev/") for k in kopf_keys), kopf_keys
     assert "kopf" not in tr["status"]
     # The model of every round is in the store.
     for record in status["history"]:
