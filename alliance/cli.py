@@ -36,7 +36,12 @@ The store is given by the environment (no defaults for credentials):
   ALLIANCE_S3_ENDPOINT    http://host:port or https://host
   ALLIANCE_S3_ACCESS_KEY  ALLIANCE_S3_SECRET_KEY  ALLIANCE_BUCKET
 Optional: ALLIANCE_CPU_THREADS (default: the cgroup CPU limit, else every core),
-ALLIANCE_CACHE_DIR (where parsed data is cached).
+ALLIANCE_CACHE_DIR (where parsed data is cached), ALLIANCE_METRICS_PORT (as --metrics-port).
+
+Metrics (with --metrics-port): alliance_member_tasks_total{kind,outcome},
+alliance_member_task_seconds{kind} and alliance_member_samples_per_second, each labelled
+with member=NAME, at http://0.0.0.0:PORT/metrics. A port already in use logs a warning and the
+agent works on without metrics.
 
 The data directory holds train.csv and, for validation, test.csv (either may be gzipped); see
 docs/data-format.md. With --train-command the member's own program trains instead of the
@@ -132,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--train-command", help="your own train command template")
     p.add_argument("--validate-command", help="your own validate command template")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port (default: ALLIANCE_METRICS_PORT, else off)",
+    )
     p.set_defaults(func=cmd_member)
 
     p = add(
@@ -526,12 +537,25 @@ def cmd_member(args) -> int:
             validate_command=args.validate_command,
             cache_dir=Path(cache) if cache else None,
             validator=args.validator,
+            metrics_port=_metrics_port(args.metrics_port),
         ),
     )
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
     agent.run()
     return 0
+
+
+def _metrics_port(flag: int | None) -> int:
+    """--metrics-port, else ALLIANCE_METRICS_PORT, else 0 (no metrics)."""
+    raw = os.environ.get("ALLIANCE_METRICS_PORT", "") if flag is None else str(flag)
+    try:
+        port = int(raw or 0)
+    except ValueError:
+        raise ValueError(f"ALLIANCE_METRICS_PORT: not a port number: {raw!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"metrics port {port}: must be 0 (off) or 1-65535")
+    return port
 
 
 def cmd_coordinate(args) -> int:

@@ -213,6 +213,7 @@ class Coordinator:
         accepted: list[str] = []
         rejected: dict[str, str] = {}
         metas: list[dict] = []
+        sizes: list[int] = []  # the accepted updates' bytes, as stored
 
         def admitted() -> Iterator[strategies.Update]:
             for member, fetched in _prefetch(self.store, self.run, action.round, action.members):
@@ -222,6 +223,7 @@ class Coordinator:
                 except (StoreError, weights.WeightsError) as exc:
                     rejected[member] = str(exc)
                     continue
+                size = len(data)
                 del data
                 n = meta.get("numExamples")
                 why = weights.problem(arrays, base)
@@ -233,6 +235,7 @@ class Coordinator:
                     continue
                 accepted.append(member)
                 metas.append(meta)
+                sizes.append(size)
                 yield strategies.Update(member, n, lambda a=arrays: a)
 
         try:
@@ -241,13 +244,21 @@ class Coordinator:
             log.warning("round %d: aggregation failed: %s", action.round, exc)
             new_weights, new_state = None, None
         if new_weights is None or len(accepted) < self.spec.min_members:
-            result = AggregateResult(None, accepted=tuple(accepted), rejected=rejected)
+            result = AggregateResult(
+                None,
+                accepted=tuple(accepted),
+                rejected=rejected,
+                update_bytes=sum(sizes),
+                aggregation_seconds=time.perf_counter() - started,
+            )
         else:
             total = sum(m["numExamples"] for m in metas)
             losses = [(m["loss"], m["numExamples"]) for m in metas if m.get("loss") is not None]
+            model_id = self._remember(self.store.put_model(new_weights), new_weights)
+            state_id = self.store.put_model(new_state) if new_state else None
             result = AggregateResult(
-                model_id=self._remember(self.store.put_model(new_weights), new_weights),
-                optimizer_state_id=self.store.put_model(new_state) if new_state else None,
+                model_id=model_id,
+                optimizer_state_id=state_id,
                 accepted=tuple(accepted),
                 rejected=rejected,
                 num_examples=total,
@@ -255,14 +266,19 @@ class Coordinator:
                     sum(v * n for v, n in losses) / sum(n for _, n in losses) if losses else None
                 ),
                 train_seconds=max((m.get("seconds", 0.0) for m in metas), default=0.0),
+                update_bytes=sum(sizes),
+                # From the first read to the new model stored: fetching, checking and
+                # aggregating the updates (not the write of aggregate.json below).
+                aggregation_seconds=time.perf_counter() - started,
             )
         self.store.put_round_json(self.run, action.round, "aggregate.json", result.to_dict())
         log.info(
-            "round %d: aggregated %d updates (%d rejected) in %.2f s",
+            "round %d: aggregated %d updates (%d rejected, %d bytes) in %.2f s",
             action.round,
             len(accepted),
             len(rejected),
-            time.perf_counter() - started,
+            result.update_bytes,
+            result.aggregation_seconds,
         )
         return result
 

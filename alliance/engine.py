@@ -160,6 +160,8 @@ class RoundRecord:
     finished_at: float = 0.0
     train_seconds: float = 0.0  # the slowest member's training time
     validation_seconds: float = 0.0  # the slowest validator's time
+    update_bytes: int = 0  # the size of the accepted updates, as stored
+    aggregation_seconds: float = 0.0  # the coordinator's wall time aggregating them
 
     @property
     def seconds(self) -> float:
@@ -226,6 +228,8 @@ class AggregateResult:
     num_examples: int = 0
     train_loss: float | None = None
     train_seconds: float = 0.0
+    update_bytes: int = 0  # the accepted updates' size, as stored (serialized weights)
+    aggregation_seconds: float = 0.0  # wall time of the aggregation, measured by the driver
 
     def to_dict(self) -> dict:
         return {
@@ -391,6 +395,8 @@ def _aggregating(spec: RunSpec, status: RunStatus, obs: Observed):
     record.num_examples = result.num_examples
     record.train_loss = result.train_loss
     record.train_seconds = result.train_seconds
+    record.update_bytes = result.update_bytes
+    record.aggregation_seconds = result.aggregation_seconds
     record.aggregated_at = obs.now
     if result.model_id is None or len(result.accepted) < spec.min_members:
         return _fail(

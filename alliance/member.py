@@ -9,6 +9,9 @@ imported, the model compiled and the data parsed between rounds; only the weight
 The heartbeat (``members/<name>.json``) holds the member's state and data summary, or the exact
 data validation error. Its content changes only when the state does, so the coordinator, which
 reads liveness from the object's modification time, re-reads it only then.
+
+With ``metrics_port`` set the agent serves Prometheus metrics (``alliance.metrics``): tasks by
+kind and outcome, their seconds, and the last training throughput.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alliance import data as data_mod
+from alliance import metrics as metrics_mod
 from alliance import weights
 from alliance.data import DataError, DataSchema
 from alliance.store import Store, StoreError, result_key
@@ -57,6 +61,7 @@ class AgentConfig:
     heartbeat_seconds: float = 5.0
     cache_dir: Path | None = None
     validator: bool = False  # only test.csv: scores each round's model, never trains
+    metrics_port: int = 0  # serve Prometheus metrics on this port; 0: not served
 
 
 class Agent:
@@ -80,6 +85,8 @@ class Agent:
 
     def run(self) -> None:
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        metrics_mod.agent_started(self.name)
+        server = metrics_mod.serve(self.config.metrics_port) if self.config.metrics_port else None
         try:
             self._publish_state({"state": "starting"})
             beat.start()
@@ -106,6 +113,8 @@ class Agent:
                 self._stop.wait(self.config.poll_seconds if fast else self.config.idle_poll_seconds)
         finally:
             self._stop.set()
+            if server is not None:
+                server.stop()
             beat.join(timeout=2.0)
             try:  # best effort: a store that is down must not keep the member from stopping
                 self.store.with_retry(3.0).put_heartbeat(
@@ -234,6 +243,7 @@ class Agent:
     def handle(self, task: dict) -> None:
         run, round_, kind = task["run"], task["round"], task["kind"]
         started = time.perf_counter()
+        throughput = None
         try:
             arrays = self._model(task["modelId"])
             if kind == "train":
@@ -241,6 +251,9 @@ class Agent:
                 data = weights.dumps(new)
                 metrics["taskSeconds"] = time.perf_counter() - started
                 self.store.put_update(run, round_, self.name, data, metrics)
+                throughput = metrics_mod.samples_per_second(
+                    metrics, task["epochs"], metrics["taskSeconds"]
+                )
             else:
                 metrics = self.trainer().validate(arrays)
                 metrics["taskSeconds"] = time.perf_counter() - started
@@ -255,6 +268,12 @@ class Agent:
         except (TaskError, DataError, StoreError, weights.WeightsError) as exc:
             log.error("%s round %d %s failed: %s", run, round_, kind, exc)
             self._report_failure(task, str(exc))
+            metrics_mod.task_finished(self.name, kind, time.perf_counter() - started, ok=False)
+        else:
+            seconds = time.perf_counter() - started
+            metrics_mod.task_finished(
+                self.name, kind, seconds, ok=True, samples_per_second=throughput
+            )
         self._done.add((run, round_, kind))
         self.tasks_done += 1
 

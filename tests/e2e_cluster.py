@@ -25,12 +25,14 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from alliance.s3server import free_port
 from alliance.store import StoreConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -114,11 +116,14 @@ class Cluster:
 
     def start_operator(self, namespace: str) -> None:
         log = open(self.work_dir / "operator.log", "ab")  # noqa: SIM115 (kept for the process)
+        if not getattr(self, "metrics_port", None):  # a restarted operator keeps its port
+            self.metrics_port = free_port()
         env = {
             **os.environ,
             **OPERATOR_ENV,
             **self.operator_env(),
             "KUBECONFIG": str(self.kubeconfig),
+            "ALLIANCE_OPERATOR_METRICS_PORT": str(self.metrics_port),
         }
         self.operator = subprocess.Popen(
             [str(BIN / "alliance-operator"), "--namespace", namespace, "--verbose"],
@@ -128,6 +133,12 @@ class Cluster:
             env=env,
             start_new_session=True,
         )
+
+    def operator_metrics(self) -> str:
+        """The operator's Prometheus exposition text, scraped from its endpoint."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.read().decode()
 
     def kill_operator(self) -> None:
         """SIGKILL: no chance to save anything, the way a node loss or an OOM kill ends it."""

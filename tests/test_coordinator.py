@@ -82,6 +82,12 @@ def test_a_round_end_to_end_through_the_store(alliance):
     assert record.accuracy == pytest.approx(0.9)
     assert record.members == ["a", "b", "c"] and record.num_examples == 50
     assert record.train_loss == pytest.approx(0.5)
+    # The bytes aggregated are the three updates' as stored; the time is the coordinator's.
+    sizes = sum(len(store.get_update(RUN, 1, m)[0]) for m in "abc")
+    assert record.update_bytes == sizes == 3 * len(weights.dumps(model(1.0)))
+    saved = store.get_round_json(RUN, 1, "aggregate.json")
+    assert saved["updateBytes"] == sizes
+    assert 0 < record.aggregation_seconds == saved["aggregationSeconds"] < 30
     assert store.get_json(f"tasks/{RUN}.json") is None  # withdrawn
 
 

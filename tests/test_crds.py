@@ -609,6 +609,8 @@ def test_a_runstatus_round_trips_through_the_status_schema():
                 finished_at=1700000060.0,
                 train_seconds=48.2,
                 validation_seconds=3.1,
+                update_bytes=4_799_528,
+                aggregation_seconds=0.31,
             ),
             RoundRecord(round=2, members=["hospital-a", "hospital-b"]),
         ],

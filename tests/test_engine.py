@@ -141,7 +141,7 @@ def test_reported_failure_counts_as_an_answer():
 def aggregated(spec, model="m1", accepted=M3, rejected=None):
     status, _ = started(spec)
     status, _ = step(spec, status, obs(5, updates=frozenset(M3)))
-    result = AggregateResult(model, None, tuple(accepted), rejected or {}, 3000, 0.5, 4.0)
+    result = AggregateResult(model, None, tuple(accepted), rejected or {}, 3000, 0.5, 4.0, 96, 0.2)
     return step(spec, status, obs(6, updates=frozenset(M3), aggregate=result))
 
 
@@ -160,6 +160,7 @@ def test_aggregation_result_starts_validation_on_members_with_test_data():
     assert actions == [PublishTask(1, TaskKind.VALIDATE, M3, "m1", 36.0)]
     record = status.current
     assert (record.num_examples, record.train_loss, record.train_seconds) == (3000, 0.5, 4.0)
+    assert (record.update_bytes, record.aggregation_seconds) == (96, 0.2)
 
 
 def test_rejected_updates_below_quorum_fail_the_run():

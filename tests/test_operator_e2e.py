@@ -13,6 +13,7 @@ import json
 import time
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from alliance.store import Store, StoreConfig
 from tests.conftest import SAMPLE_DIR, write_rows
@@ -221,6 +222,18 @@ def test_a_training_run_completes_with_accuracy_in_status(cluster, alliance):
     assert float(row[3]) == pytest.approx(status["accuracy"], abs=1e-3)
     reasons = [e["reason"] for e in events(cluster, ns, "first")]
     assert reasons.count("RoundCompleted") >= 2 and "Completed" in reasons
+    # The operator's metrics endpoint saw both rounds (the status is patched after them).
+    samples = {
+        (s.name, s.labels.get("run") or s.labels.get("alliance")): s.value
+        for family in text_string_to_metric_families(cluster.operator_metrics())
+        for s in family.samples
+        if s.labels.get("namespace") == ns
+    }
+    assert samples[("alliance_rounds_completed_total", "first")] == 2
+    assert samples[("alliance_round_duration_seconds_count", "first")] == 2
+    assert samples[("alliance_round_accuracy", "first")] == pytest.approx(status["accuracy"])
+    assert samples[("alliance_update_bytes_total", "first")] > 0
+    assert samples[("alliance_members_ready", ALLIANCE)] == len(GOOD_MEMBERS)
 
 
 def test_the_operator_killed_mid_run_resumes_without_losing_or_repeating_a_round(cluster, alliance):

@@ -230,7 +230,13 @@ def test_pods_are_hardened(kind, case, run_as_user):
         assert sc["capabilities"] == {"drop": ["ALL"]}
         assert sc.get("runAsUser", run_as_user) != 0
         assert sc.get("runAsNonRoot", True) is True
-        assert "ports" not in c  # the store is the only channel: nothing listens
+        # The store is the only channel; the agent listens only for Prometheus scrapes.
+        if kind == "member":
+            assert c["ports"] == [{"name": "metrics", "containerPort": 9100, "protocol": "TCP"}]
+            assert env_of(pod)["ALLIANCE_METRICS_PORT"]["value"] == "9100"
+        else:
+            assert "ports" not in c
+            assert "ALLIANCE_METRICS_PORT" not in env_of(pod)
     # Writable places are emptyDirs only; no hostPath, no projected token.
     for volume in spec["volumes"]:
         assert set(volume) - {"name"} <= {"emptyDir", "persistentVolumeClaim"}, volume
@@ -885,6 +891,8 @@ def test_config_reads_os_environ(monkeypatch):
         ("member_interval", "7", 7.0),
         ("alliance_interval", "1e1", 10.0),
         ("store_retry_seconds", "1.5", 1.5),
+        ("metrics_port", "9191", 9191),
+        ("metrics_port", "0", 0),
     ],
 )
 def test_config_overrides(name, raw, value):
@@ -903,12 +911,19 @@ def test_config_overrides(name, raw, value):
         ("STORE_RETRY_SECONDS", "5s", "float"),
         ("RUN_AS_USER", "1.5", "int"),
         ("RUN_AS_USER", "nobody", "int"),
+        ("METRICS_PORT", "http", "int"),
     ],
 )
 def test_config_bad_value_names_the_variable(name, raw, kind):
     with pytest.raises(ValueError) as err:
         OperatorConfig.from_env({P + name: raw})
     assert str(err.value) == f"{P}{name}: not a {kind}: {raw!r}"
+
+
+@pytest.mark.parametrize("raw", ["-1", "65536"])
+def test_config_metrics_port_out_of_range(raw):
+    with pytest.raises(ValueError, match=f"^{P}METRICS_PORT: 0 \\(off\\) or a port"):
+        OperatorConfig.from_env({P + "METRICS_PORT": raw})
 
 
 # --- TrainingRun spec merging, store run name; status diffs -----------------------------------

@@ -29,6 +29,13 @@ settings (environment):
   ALLIANCE_OPERATOR_MEMBER_INTERVAL     ... of a member (3)
   ALLIANCE_OPERATOR_ALLIANCE_INTERVAL   ... of an alliance (10)
   ALLIANCE_OPERATOR_STORE_RETRY_SECONDS how long one store call retries within a reconcile (5)
+  ALLIANCE_OPERATOR_METRICS_PORT        port of the Prometheus metrics, /metrics (9090; 0: off)
+
+metrics (Prometheus, on ALLIANCE_OPERATOR_METRICS_PORT):
+  alliance_rounds_completed_total, alliance_round_duration_seconds, alliance_round_accuracy,
+  alliance_round_loss, alliance_members_dropped_total, alliance_update_bytes_total,
+  alliance_aggregation_seconds (labels namespace, run); alliance_members_ready (labels
+  namespace, alliance). Only what happens while this process runs is counted.
 
 examples:
   alliance-operator --all-namespaces

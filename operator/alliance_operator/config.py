@@ -29,6 +29,8 @@ class OperatorConfig:
     alliance_interval: float = 10.0
     #: How long one store call may retry before the reconcile gives up until the next tick.
     store_retry_seconds: float = 5.0
+    #: Serve Prometheus metrics (alliance_operator.metrics) on this port; 0: not served.
+    metrics_port: int = 9090
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> OperatorConfig:
@@ -46,6 +48,8 @@ class OperatorConfig:
                     f"{PREFIX}{f.name.upper()}: not a {kind.__name__}: {raw!r}"
                 ) from exc
         config = cls(**values)
+        if not 0 <= config.metrics_port <= 65535:
+            raise ValueError(f"{PREFIX}METRICS_PORT: 0 (off) or a port number up to 65535")
         if config.run_as_user <= 0:
             raise ValueError(f"{PREFIX}RUN_AS_USER: member pods run as non-root: use a uid > 0")
         positive = (

@@ -24,3 +24,6 @@ MANAGED_BY = "alliance-operator"
 DATA_MOUNT_PATH = "/data"
 CACHE_MOUNT_PATH = "/var/cache/alliance"
 TMP_MOUNT_PATH = "/tmp"
+
+#: The member agent serves its Prometheus metrics here (ALLIANCE_METRICS_PORT, port "metrics").
+MEMBER_METRICS_PORT = 9100

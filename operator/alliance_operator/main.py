@@ -12,7 +12,7 @@ import logging
 
 import kopf
 
-from alliance_operator import k8s
+from alliance_operator import k8s, metrics
 from alliance_operator.config import OperatorConfig
 from alliance_operator.constants import (
     ALLIANCES,
@@ -45,6 +45,8 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
     settings.watching.client_timeout = 330
     settings.execution.max_workers = 20
     k8s.login()
+    if CONFIG.metrics_port:
+        metrics.serve(CONFIG.metrics_port)
 
 
 def _apply(patch: kopf.Patch, status: dict) -> None:
@@ -70,3 +72,9 @@ def trainingrun_timer(body, patch, logger, **_) -> None:
 @kopf.on.delete(GROUP, VERSION, TRAININGRUNS, backoff=10, retries=30)
 def trainingrun_deleted(body, logger, **_) -> None:
     trainingrun.cleanup(CTX, body, logger)
+
+
+# Optional: it adds no finalizer of its own (the timer's keeps the Member until kopf saw it go).
+@kopf.on.delete(GROUP, VERSION, MEMBERS, optional=True)
+def member_deleted(body, **_) -> None:
+    member.deleted(body)

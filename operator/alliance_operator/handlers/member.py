@@ -13,8 +13,8 @@ import time
 import kopf
 
 from alliance.store import StoreError
-from alliance_operator import k8s
-from alliance_operator.conditions import now_rfc3339, set_condition
+from alliance_operator import k8s, metrics
+from alliance_operator.conditions import is_true, now_rfc3339, set_condition
 from alliance_operator.constants import ALLIANCES, ANNOTATION_SPEC_HASH
 from alliance_operator.handlers.common import Context, changed, report_transitions
 from alliance_operator.podstate import PodHealth, pod_state
@@ -146,4 +146,19 @@ def _finish(body: dict, old: dict, new: dict, conds: list[dict], generation) -> 
     new["conditions"] = conds
     new["observedGeneration"] = generation
     report_transitions(body, old.get("conditions"), conds)
+    meta = body["metadata"]
+    if not meta.get("deletionTimestamp"):  # being deleted: deleted() takes it out
+        metrics.member_ready(
+            meta["namespace"],
+            meta["name"],
+            meta["uid"],
+            body["spec"]["alliance"],
+            is_true(conds, "Ready"),
+        )
     return changed(old, new)
+
+
+def deleted(body: dict) -> None:
+    """The Member is being deleted: it no longer counts in its alliance's ready members."""
+    meta = body["metadata"]
+    metrics.forget_member(meta["namespace"], meta["name"], meta["uid"])

@@ -14,9 +14,9 @@ from __future__ import annotations
 import kopf
 
 from alliance.coordinator import Coordinator, pin_spec
-from alliance.engine import Phase, RunSpec, RunStatus, SpecError
+from alliance.engine import Phase, RoundRecord, RunSpec, RunStatus, SpecError
 from alliance.store import StoreError, run_key
-from alliance_operator import k8s
+from alliance_operator import k8s, metrics
 from alliance_operator.conditions import is_true, now_rfc3339, set_condition
 from alliance_operator.constants import (
     ALLIANCES,
@@ -67,6 +67,8 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
         and old.get("observedGeneration") == generation
         and not is_true(old.get("conditions"), "Invalid")  # runDefaults may be fixed since
     ):
+        if not meta.get("deletionTimestamp"):
+            metrics.run_seen(namespace, meta["name"], meta["uid"], old)
         return {}
     # The body kopf hands over may predate the status patch of the previous tick (it follows
     # the watch stream); the engine must start from the status last written, so read it.
@@ -75,6 +77,8 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
         return {}
     body, spec, generation = fresh, fresh["spec"], fresh["metadata"].get("generation")
     old = fresh.get("status") or {}
+    # Being deleted: the clean-up handler removes the run's metrics; this pass adds none.
+    counted = not fresh["metadata"].get("deletionTimestamp")
     now = now_rfc3339()
     new = dict(old)
     conds = old.get("conditions") or []
@@ -87,6 +91,8 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
         new["conditions"] = conds
         new["observedGeneration"] = generation
         report_transitions(body, old.get("conditions"), conds)
+        if counted:
+            metrics.run_seen(namespace, meta["name"], meta["uid"], new)
         return changed(old, new)
 
     alliance = k8s.get_custom(namespace, ALLIANCES, spec["alliance"])
@@ -153,6 +159,12 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
         if validated[-1].loss is not None:
             new["loss"] = round(validated[-1].loss, 6)
     _round_events(body, old, status)
+    if counted:
+        aggregated, finished = new_rounds(old, status)
+        for record in aggregated:
+            metrics.round_aggregated(namespace, meta["name"], meta["uid"], record)
+        for record in finished:
+            metrics.round_finished(namespace, meta["name"], meta["uid"], record)
     running = status.phase == Phase.RUNNING
     cond(
         "Progressing",
@@ -219,17 +231,28 @@ def _without_nulls(value):
     return value
 
 
+def new_rounds(old: dict, status: RunStatus) -> tuple[list[RoundRecord], list[RoundRecord]]:
+    """The rounds aggregated and the rounds finished in this pass: in the new status, not in
+    the status read at its start. What an earlier process recorded is not news, so Events and
+    metrics count each round once, whichever operator process ran it."""
+    history = old.get("history") or ()
+    aggregated_before = {r["round"] for r in history if r.get("aggregatedAt")}
+    finished_before = {r["round"] for r in history if r.get("finishedAt")}
+    return (
+        [r for r in status.history if r.aggregated_at and r.round not in aggregated_before],
+        [r for r in status.history if r.finished_at and r.round not in finished_before],
+    )
+
+
 def _round_events(body: dict, old: dict, status: RunStatus) -> None:
-    finished_before = {r["round"] for r in old.get("history") or () if r.get("finishedAt")}
-    for r in status.history:
-        if r.finished_at and r.round not in finished_before:
-            accuracy = "n/a" if r.accuracy is None else f"{r.accuracy:.4f}"
-            kopf.info(
-                body,
-                reason="RoundCompleted",
-                message=f"round {r.round}: accuracy {accuracy}, {len(r.members)} members, "
-                f"{len(r.dropped)} dropped, {r.seconds:.1f} s",
-            )
+    for r in new_rounds(old, status)[1]:
+        accuracy = "n/a" if r.accuracy is None else f"{r.accuracy:.4f}"
+        kopf.info(
+            body,
+            reason="RoundCompleted",
+            message=f"round {r.round}: accuracy {accuracy}, {len(r.members)} members, "
+            f"{len(r.dropped)} dropped, {r.seconds:.1f} s",
+        )
     if old.get("phase") != status.phase:
         if status.phase == Phase.COMPLETED:
             kopf.info(body, reason="Completed", message=status.message or "all rounds done")
@@ -243,6 +266,7 @@ def cleanup(ctx: Context, body: dict, logger) -> None:
     """On deletion: withdraw the run's task; with storeCleanupPolicy Delete, remove its
     objects from the store too (models are content-addressed and shared: they stay)."""
     meta, spec = body["metadata"], body["spec"]
+    metrics.forget_run(meta["namespace"], meta["name"], meta["uid"])
     alliance = k8s.get_custom(meta["namespace"], ALLIANCES, spec["alliance"])
     if alliance is None:
         logger.warning("Alliance %s is gone: nothing to clean in its store", spec["alliance"])

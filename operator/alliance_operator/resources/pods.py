@@ -21,6 +21,7 @@ from alliance_operator.constants import (
     LABEL_COMPONENT,
     LABEL_MEMBER,
     MANAGED_BY,
+    MEMBER_METRICS_PORT,
     TMP_MOUNT_PATH,
 )
 
@@ -172,6 +173,8 @@ def member_pod(
         *store_env(alliance_spec["store"]),
         # Parsed CSV data is cached here between restarts of the container.
         {"name": "ALLIANCE_CACHE_DIR", "value": CACHE_MOUNT_PATH},
+        # The agent's Prometheus metrics (the only port it listens on; it serves nothing else).
+        {"name": "ALLIANCE_METRICS_PORT", "value": str(MEMBER_METRICS_PORT)},
         *_runtime_env(),
     ]
     if member_spec.get("dataSchema"):
@@ -199,6 +202,7 @@ def member_pod(
         "command": ["alliance"],
         "args": args,
         "env": env,
+        "ports": [{"name": "metrics", "containerPort": MEMBER_METRICS_PORT, "protocol": "TCP"}],
         "resources": copy.deepcopy(member_spec.get("resources") or DEFAULT_MEMBER_RESOURCES),
         "volumeMounts": mounts,
         "securityContext": _container_security(),
