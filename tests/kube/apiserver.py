@@ -1391,8 +1391,11 @@ class Store:
                 f"the name of the object ({meta['name']}) does not match the name "
                 f"on the URL ({name})"
             )
-        if rt.namespaced and meta.get("namespace", namespace) != namespace:
+        # An empty namespace in the body means "the URL's", as on a real server (helm sends it).
+        if rt.namespaced and (meta.get("namespace") or namespace) != namespace:
             raise bad_request(NS_MISMATCH)
+        if rt.namespaced:
+            meta["namespace"] = namespace
         uid, rv = old_meta["uid"], old_meta["resourceVersion"]
         if (meta.get("uid") or uid) != uid:
             raise rt.conflict(name, f"Precondition failed: UID in precondition: {meta['uid']}")

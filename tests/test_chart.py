@@ -1,0 +1,1136 @@
+"""The Helm chart (charts/alliance): lint, rendered scenarios, security, and the operator it starts.
+
+helm comes from ``scripts/install_helm.py`` (``make install`` puts it next to the venv's python).
+Each scenario is rendered with ``helm template`` and checked: ``helm lint --strict``, every
+built-in object through the ``kubernetes-validate --strict`` command (the real Kubernetes 1.37
+schemas, offline); the kinds that tool has no schema for by their own rules (the Alliance against
+its CRD's schema, the Prometheus Operator's ServiceMonitor/PodMonitor field by field). Then the
+default rendering is applied to the test API server (tests/kube/apiserver.py) and the operator
+is started as a local process with the rendered Deployment's command, arguments and environment:
+it must answer its liveness probe and reconcile the chart's Alliance.
+
+Not checked here: that MinIO starts with these settings (no container runtime), that the
+Prometheus Operator accepts the monitors (its CRDs are not available offline), RBAC enforcement
+(the test API server authorizes everything) and NetworkPolicy enforcement (no CNI).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from alliance_operator.resources.pods import init_pod, member_pod
+
+from tests.test_crds import admit
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "charts" / "alliance"
+BIN = Path(sys.executable).parent
+HELM = BIN / "helm"
+KUBECTL = BIN / "kubectl"
+VALIDATE = BIN / "kubernetes-validate"
+KUBERNETES_VERSION = "1.37.0"
+RELEASE = "alliance"
+NAMESPACE = "federation"
+
+#: The scenarios CI renders, as values files. Each is also linted with --strict.
+SCENARIOS: dict[str, dict] = {
+    "defaults": {},
+    "external-s3": {
+        "minio": {"enabled": False},
+        "externalStore": {
+            "endpoint": "https://s3.example.org:8443",
+            "existingSecret": "s3-keys",
+            "accessKeyKey": "AWS_ACCESS_KEY_ID",
+            "secretKeyKey": "AWS_SECRET_ACCESS_KEY",
+        },
+        "networkPolicy": {"externalStoreCIDRs": ["203.0.113.0/24", "2001:db8::/32"]},
+    },
+    "metrics-dashboard": {
+        "metrics": {
+            "serviceMonitor": {
+                "enabled": True,
+                "interval": "15s",
+                "labels": {"release": "prometheus"},
+            },
+            "dashboard": {"enabled": True, "namespace": "monitoring"},
+        },
+    },
+    "custom-images-resources": {
+        "imagePullSecrets": [{"name": "regcred"}],
+        "operator": {
+            "image": {"repository": "example/alliance-operator", "tag": "1.2.3"},
+            "resources": {
+                "requests": {"cpu": "250m", "memory": "512Mi"},
+                "limits": {"cpu": 2, "memory": "2Gi"},
+            },
+            "nodeSelector": {"kubernetes.io/os": "linux"},
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml"}],
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [
+                            {
+                                "matchExpressions": [
+                                    {"key": "pool", "operator": "In", "values": ["control"]}
+                                ]
+                            }
+                        ]
+                    }
+                }
+            },
+            "heartbeatTimeout": 120,
+            "runInterval": 0.5,
+            "logFormat": "json",
+            "verbose": True,
+        },
+        "member": {
+            "image": {"repository": "example/alliance-member", "tag": "1.2.3-gpu"},
+            "runAsUser": 20002,
+        },
+        "minio": {
+            "image": {"tag": "RELEASE.2025-04-22T22-12-26Z", "pullPolicy": "Always"},
+            "resources": {
+                "requests": {"cpu": "1", "memory": "1Gi"},
+                "limits": {"cpu": 4, "memory": "4Gi"},
+            },
+            "persistence": {"size": "100Gi", "storageClass": "fast-ssd"},
+            "auth": {"existingSecret": "my-minio-root"},
+        },
+        "tests": {"resources": {"limits": {"cpu": "100m", "memory": "128Mi"}}},
+        "alliance": {
+            "name": "cifar",
+            "bucket": "cifar-fl",
+            "model": {"kerasObject": "uploads/cifar.keras"},
+            "seed": 7,
+            "runDefaults": {
+                "localEpochs": 2,
+                "aggregator": "fedadam",
+                # As `--set` passes decimals: strings.
+                "aggregatorParams": {"serverLearningRate": "0.01", "tau": "1e-3", "beta1": 0.9},
+                "roundDeadlineSeconds": "90.5",
+            },
+        },
+    },
+    "watched-namespaces": {
+        "operator": {"watchNamespaces": [NAMESPACE, "team-a", "team-b"]},
+        "metrics": {"serviceMonitor": {"enabled": True}},
+    },
+}
+
+ALLIANCE_RESOURCES = ("alliances", "members", "trainingruns")
+OPERATOR_RULES = {  # (apiGroup, resource) -> verbs: exactly what the operator and kopf call
+    ("", "pods"): {"get", "list", "create", "delete"},
+    ("", "secrets"): {"get"},
+    ("", "events"): {"create"},
+    **{("alliance.dev", r): {"get", "list", "watch", "patch"} for r in ALLIANCE_RESOURCES},
+    **{("alliance.dev", f"{r}/status"): {"patch"} for r in ALLIANCE_RESOURCES},
+}
+SCANNING_CRDS = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
+SCANNING_NAMESPACES = {("", "namespaces"): {"list", "watch"}}
+
+DASHBOARD_METRICS = {
+    "alliance_rounds_completed_total": "counter",
+    "alliance_round_duration_seconds": "histogram",
+    "alliance_round_accuracy": "gauge",
+    "alliance_round_loss": "gauge",
+    "alliance_members_ready": "gauge",
+    "alliance_members_dropped_total": "counter",
+    "alliance_update_bytes_total": "counter",
+    "alliance_aggregation_seconds": "histogram",
+    "alliance_member_samples_per_second": "gauge",
+    "alliance_member_task_seconds": "histogram",
+}
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    if not HELM.exists():
+        pytest.fail(f"{HELM} is missing: run make install (scripts/install_helm.py)", pytrace=False)
+    result = subprocess.run(
+        [str(HELM), *args], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    if check and result.returncode != 0:
+        pytest.fail(f"helm {' '.join(args)} failed:\n{result.stderr}{result.stdout}", pytrace=False)
+    return result
+
+
+def values_file(tmp_path: Path, name: str, values: dict) -> Path:
+    path = tmp_path / f"{name}.values.yaml"
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
+def template(values_path: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    return helm(
+        "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "-f", str(values_path),
+        *extra, check=check,
+    )  # fmt: skip
+
+
+def docs(text: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> dict[str, tuple[str, list[dict]]]:
+    """Each scenario's rendered text and its documents, rendered once for the module."""
+    tmp = tmp_path_factory.mktemp("chart")
+    out = {}
+    for name, values in SCENARIOS.items():
+        text = template(values_file(tmp, name, values)).stdout
+        out[name] = (text, docs(text))
+    return out
+
+
+def find(objs: list[dict], kind: str, name: str | None = None) -> list[dict]:
+    return [
+        o for o in objs if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)
+    ]
+
+
+def one(objs: list[dict], kind: str, name: str | None = None) -> dict:
+    found = find(objs, kind, name)
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def pod_specs(objs: list[dict]) -> list[tuple[str, dict, dict]]:
+    """(kind/name, pod labels, pod spec) of every pod the chart runs."""
+    out = []
+    for o in objs:
+        if o["kind"] in ("Deployment", "StatefulSet"):
+            pod = o["spec"]["template"]
+        elif o["kind"] == "Pod":
+            pod = o
+        else:
+            continue
+        out.append((f"{o['kind']}/{o['metadata']['name']}", pod["metadata"]["labels"], pod["spec"]))
+    return out
+
+
+def selector_matches(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions) against labels."""
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and labels.get(key) in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def rules_of(role: dict) -> dict[tuple[str, str], set[str]]:
+    out: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        assert set(rule) <= {"apiGroups", "resources", "verbs"}, rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                out.setdefault((group, resource), set()).update(rule["verbs"])
+    return out
+
+
+def member_pods(alliance: str = "mnist") -> list[dict]:
+    """The pods the operator really builds, for checking the chart's selectors against."""
+    alliance_spec = {
+        "store": {
+            "endpoint": "http://alliance-minio:9000",
+            "bucket": "alliance",
+            "credentialsSecret": {"name": "alliance-minio"},
+        }
+    }
+    member_spec = {"alliance": alliance, "dataVolumeClaim": "hospital-a-data"}
+    return [
+        member_pod("hospital-a", member_spec, alliance_spec, "alliance-member:0.1.0"),
+        init_pod(alliance, alliance_spec, "alliance-member:0.1.0"),
+    ]
+
+
+# --- helm lint and the schema ----------------------------------------------------------------
+
+
+def test_helm_is_installed():
+    assert HELM.exists(), f"{HELM} is missing: run make install (scripts/install_helm.py)"
+    assert helm("version", "--short").stdout.startswith("v3.17.2")
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_helm_lint_strict(scenario, tmp_path):
+    path = values_file(tmp_path, scenario, SCENARIOS[scenario])
+    result = helm("lint", "--strict", str(CHART), "--namespace", NAMESPACE, "-f", str(path))
+    assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
+    assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"operator": {"logFormat": "xml"}}, "operator.logFormat"),  # an enum
+        ({"operator": {"metricsPort": 70000}}, "operator.metricsPort"),  # a maximum
+        ({"operator": {"runInterval": 0}}, "operator.runInterval"),  # exclusiveMinimum
+        ({"operator": {"watchNamespaces": ["Team_A"]}}, "operator.watchNamespaces"),  # a pattern
+        ({"member": {"runAsUser": 0}}, "member.runAsUser"),  # non-root
+        ({"alliance": {"bucket": "No"}}, "alliance.bucket"),
+        ({"minio": {"persistence": {"size": "lots"}}}, "minio.persistence.size"),
+        ({"networkPolicy": {"enabled": "yes"}}, "networkPolicy.enabled"),  # a type
+        ({"operator": {"replicas": 2}}, "replicas"),  # unknown keys, at every level
+        ({"minio": {"auth": {"rootPassword": "hunter2"}}}, "rootPassword"),  # never a password
+        ({"operator": {"resources": {"limit": {"cpu": 1}}}}, "limit"),
+        ({"bogus": True}, "bogus"),
+    ],
+)
+def test_schema_refuses_bad_values(values, message, tmp_path):
+    result = template(values_file(tmp_path, "bad", values), check=False)
+    assert result.returncode != 0, f"{values} was accepted"
+    assert "values don't meet the specifications of the schema" in result.stderr, result.stderr
+    assert message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"minio": {"enabled": False}}, "set externalStore.endpoint"),
+        (
+            {"minio": {"enabled": False}, "externalStore": {"endpoint": "https://s3.example.org"}},
+            "set externalStore.existingSecret",
+        ),
+        ({"externalStore": {"endpoint": "https://s3.example.org"}}, "set minio.enabled=false"),
+        ({"operator": {"watchNamespaces": ["team-a"]}}, "does not list"),
+    ],
+)
+def test_inconsistent_values_fail_with_a_message(values, message, tmp_path):
+    result = template(values_file(tmp_path, "bad", values), check=False)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+#: Kubernetes structures passed through as they are: documented as one value each.
+PASS_THROUGH = {"resources", "affinity", "tolerations", "nodeSelector", "stringMap"}
+
+
+def _schema_leaves(values, schema, path=""):
+    """Every documented unit of values.yaml: a key whose schema is a closed object of the chart
+    recurses; anything else (scalars, lists, maps, Kubernetes structures) is one leaf."""
+    closed = schema.get("additionalProperties") is False and "properties" in schema
+    if isinstance(values, dict) and closed:
+        for key, value in values.items():
+            sub = schema["properties"].get(key)
+            assert sub is not None, f"values.yaml key {path + key} is not in values.schema.json"
+            if _definition(sub) in PASS_THROUGH:
+                yield f"{path}{key}"
+            else:
+                yield from _schema_leaves(value, _resolve(sub), f"{path}{key}.")
+    else:
+        yield path.rstrip(".")
+
+
+def _definition(node: dict) -> str | None:
+    if "allOf" in node and len(node["allOf"]) == 1:
+        node = node["allOf"][0]
+    return node["$ref"].rsplit("/", 1)[1] if "$ref" in node else None
+
+
+def _resolve(node: dict) -> dict:
+    root = json.loads((CHART / "values.schema.json").read_text())
+    while "$ref" in node or ("allOf" in node and len(node["allOf"]) == 1):
+        ref = node["$ref"] if "$ref" in node else node["allOf"][0]["$ref"]
+        node = root["definitions"][ref.rsplit("/", 1)[1]]
+    return node
+
+
+def test_schema_covers_every_value_and_closes_every_object():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+    jsonschema.Draft7Validator.check_schema(schema)
+    jsonschema.Draft7Validator(schema).validate(values)
+    leaves = list(_schema_leaves(values, schema))
+    assert len(leaves) > 50
+
+    def walk(node, where):
+        node = _resolve(node)
+        if node.get("type") == "object":
+            assert "additionalProperties" in node, f"{where}: additionalProperties not set"
+            if "properties" in node:
+                assert node["additionalProperties"] is False, f"{where} is not closed"
+            for key, sub in node.get("properties", {}).items():
+                assert "type" in _resolve(sub), f"{where}.{key} has no type"
+                walk(sub, f"{where}.{key}")
+            if isinstance(node["additionalProperties"], dict):
+                walk(node["additionalProperties"], f"{where}.*")
+        if node.get("type") == "array":
+            walk(node["items"], f"{where}[]")
+
+    walk(schema, "values")
+
+
+def test_values_are_documented_key_by_key():
+    text = (CHART / "values.yaml").read_text()
+    documented = re.findall(r"^\s*## @param (\S+) \S", text, re.M)
+    assert len(documented) == len(set(documented)), "a key is documented twice"
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    leaves = set(_schema_leaves(yaml.safe_load(text), schema))
+    assert set(documented) == leaves, (
+        f"undocumented: {sorted(leaves - set(documented))}; "
+        f"documented but absent: {sorted(set(documented) - leaves)}"
+    )
+    assert not re.search(r"(?i)^\s*(\w*password|\w*secretkey|accesskey)\s*:", text, re.M)
+
+
+# --- the CRDs --------------------------------------------------------------------------------
+
+
+def test_chart_crds_are_copies_of_crds():
+    ours = {p.name: p.read_bytes() for p in (ROOT / "crds").glob("*.yaml")}
+    chart = {p.name: p.read_bytes() for p in (CHART / "crds").glob("*.yaml")}
+    drifted = sorted(n for n in ours.keys() | chart.keys() if ours.get(n) != chart.get(n))
+    assert not drifted, (
+        f"charts/alliance/crds/ differs from crds/ ({', '.join(drifted)}): "
+        "run: cp crds/*.yaml charts/alliance/crds/"
+    )
+
+
+# --- the rendered manifests ------------------------------------------------------------------
+
+CUSTOM_KINDS = {"Alliance", "ServiceMonitor", "PodMonitor"}
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_rendered_manifests_pass_kubernetes_validate(scenario, rendered, tmp_path):
+    text, objs = rendered[scenario]
+    path = tmp_path / f"{scenario}.yaml"
+    path.write_text(text)
+    result = subprocess.run(
+        [str(VALIDATE), "--strict", "-k", KUBERNETES_VERSION, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    builtin = [o for o in objs if o["kind"] not in CUSTOM_KINDS]
+    passed = re.findall(r"^INFO .* passed for resource (\S+) ", result.stdout, re.M)
+    expected = [f"{o['kind'].lower()}/{o['metadata']['name']}" for o in builtin]
+    assert sorted(passed) == sorted(expected), result.stdout
+    assert "ERROR" not in result.stdout
+    warned = re.findall(r"^WARN .*schema for kind (\S+) ", result.stdout, re.M)
+    assert set(warned) <= CUSTOM_KINDS, result.stdout  # checked by their own rules below
+    assert len(warned) == len(objs) - len(builtin)
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_alliance_is_valid_for_its_crd(scenario, rendered):
+    _, objs = rendered[scenario]
+    (alliance,) = find(objs, "Alliance")
+    _, errors = admit("Alliance", alliance)
+    assert not errors
+    assert alliance["metadata"]["namespace"] == NAMESPACE
+
+
+def test_default_alliance_points_at_the_chart_store(rendered):
+    _, objs = rendered["defaults"]
+    store = one(objs, "Alliance", "mnist")["spec"]["store"]
+    assert store["endpoint"] == f"http://alliance-minio.{NAMESPACE}.svc:9000"
+    assert store["bucket"] == "alliance"
+    secret = one(objs, "Secret", "alliance-minio")
+    assert store["credentialsSecret"] == {
+        "name": secret["metadata"]["name"],
+        "accessKeyKey": "accessKey",
+        "secretKeyKey": "secretKey",
+    }
+    assert set(secret["data"]) == {"accessKey", "secretKey"}
+    service = one(objs, "Service", "alliance-minio")
+    assert [p["port"] for p in service["spec"]["ports"]] == [9000]
+
+
+def test_external_store_scenario(rendered):
+    _, objs = rendered["external-s3"]
+    assert not find(objs, "StatefulSet") and not find(objs, "Secret")
+    assert not [o for o in objs if "minio" in o["metadata"]["name"]]
+    store = one(objs, "Alliance")["spec"]["store"]
+    assert store == {
+        "endpoint": "https://s3.example.org:8443",
+        "bucket": "alliance",
+        "credentialsSecret": {
+            "name": "s3-keys",
+            "accessKeyKey": "AWS_ACCESS_KEY_ID",
+            "secretKeyKey": "AWS_SECRET_ACCESS_KEY",
+        },
+    }
+    policy = one(objs, "NetworkPolicy", "alliance-members")
+    (to_store, dns) = policy["spec"]["egress"]
+    assert to_store["ports"] == [{"port": 8443, "protocol": "TCP"}]
+    assert to_store["to"] == [
+        {"ipBlock": {"cidr": "203.0.113.0/24"}},
+        {"ipBlock": {"cidr": "2001:db8::/32"}},
+    ]
+    assert {p["port"] for p in dns["ports"]} == {53}
+
+
+def test_custom_images_and_resources(rendered):
+    _, objs = rendered["custom-images-resources"]
+    values = SCENARIOS["custom-images-resources"]
+    op = one(objs, "Deployment")["spec"]["template"]["spec"]
+    (container,) = op["containers"]
+    assert container["image"] == "example/alliance-operator:1.2.3"
+    assert container["resources"] == values["operator"]["resources"]
+    assert op["nodeSelector"] == values["operator"]["nodeSelector"]
+    assert op["tolerations"] == values["operator"]["tolerations"]
+    assert op["affinity"] == values["operator"]["affinity"]
+    assert op["imagePullSecrets"] == [{"name": "regcred"}]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["ALLIANCE_OPERATOR_MEMBER_IMAGE"] == "example/alliance-member:1.2.3-gpu"
+    assert env["ALLIANCE_OPERATOR_RUN_AS_USER"] == "20002"
+    assert env["ALLIANCE_OPERATOR_HEARTBEAT_TIMEOUT"] == "120"
+    assert env["ALLIANCE_OPERATOR_RUN_INTERVAL"] == "0.5"
+    assert container["args"][-3:] == ["--log-format", "json", "--verbose"]
+    minio = one(objs, "StatefulSet")["spec"]
+    (mc,) = minio["template"]["spec"]["containers"]
+    assert mc["imagePullPolicy"] == "Always"
+    assert mc["resources"] == values["minio"]["resources"]
+    (claim,) = minio["volumeClaimTemplates"]
+    assert claim["spec"]["storageClassName"] == "fast-ssd"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "100Gi"
+    # A Secret named in values replaces the generated one, everywhere.
+    assert not find(objs, "Secret")
+    refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in mc["env"] if "valueFrom" in e}
+    assert refs == {"my-minio-root"}
+    assert one(objs, "Alliance")["spec"]["store"]["credentialsSecret"]["name"] == "my-minio-root"
+    spec = one(objs, "Alliance", "cifar")["spec"]
+    assert spec["model"] == {"kerasObject": "uploads/cifar.keras"} and spec["seed"] == 7
+    assert spec["runDefaults"] == {
+        "localEpochs": 2,
+        "aggregator": "fedadam",
+        "aggregatorParams": {"serverLearningRate": 0.01, "tau": 0.001, "beta1": 0.9},
+        "roundDeadlineSeconds": 90.5,
+    }
+    (tc,) = one(objs, "Pod")["spec"]["containers"]
+    assert tc["image"] == "example/alliance-member:1.2.3-gpu"
+    # Maps merge with the chart's defaults (Helm): the requests stay.
+    assert tc["resources"]["limits"] == values["tests"]["resources"]["limits"]
+    assert tc["resources"]["requests"]
+
+
+def test_decimals_given_with_set(tmp_path):
+    """``--set`` passes 0.5 as a string: the schema takes decimal strings for those settings."""
+    path = values_file(tmp_path, "defaults", {})
+    result = template(
+        path, "--set", "operator.runInterval=0.5", "--set", "operator.heartbeatTimeout=90"
+    )
+    (c,) = one(docs(result.stdout), "Deployment")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["ALLIANCE_OPERATOR_RUN_INTERVAL"] == "0.5"
+    assert env["ALLIANCE_OPERATOR_HEARTBEAT_TIMEOUT"] == "90"
+    for bad in ("0", "soon", "-1"):
+        refused = template(path, "--set", f"operator.runInterval={bad}", check=False)
+        assert refused.returncode != 0 and "operator.runInterval" in refused.stderr, bad
+
+
+def test_images_default_to_the_app_version(rendered):
+    _, objs = rendered["defaults"]
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    app = chart["appVersion"]
+    assert (chart["apiVersion"], chart["version"], app) == ("v2", "0.1.0", "0.1.0")
+    (container,) = one(objs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == f"alliance-operator:{app}"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["ALLIANCE_OPERATOR_MEMBER_IMAGE"] == f"alliance-member:{app}"
+    (mc,) = one(objs, "StatefulSet")["spec"]["template"]["spec"]["containers"]
+    assert re.fullmatch(r"minio/minio:RELEASE\.\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ", mc["image"])
+
+
+def test_operator_deployment(rendered):
+    _, objs = rendered["defaults"]
+    deploy = one(objs, "Deployment", "alliance-operator")
+    assert deploy["spec"]["replicas"] == 1
+    assert deploy["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deploy["spec"]["template"]
+    assert selector_matches(deploy["spec"]["selector"], pod["metadata"]["labels"])
+    spec = pod["spec"]
+    assert spec["serviceAccountName"] == one(objs, "ServiceAccount")["metadata"]["name"]
+    (c,) = spec["containers"]
+    assert c["command"] == ["alliance-operator"]
+    assert c["args"][:3] == ["--all-namespaces", "--liveness", "http://0.0.0.0:8080/healthz"]
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"healthz": 8080, "metrics": 9090}
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["ALLIANCE_OPERATOR_METRICS_PORT"] == "9090"
+    assert env["ALLIANCE_OPERATOR_IMAGE_PULL_POLICY"] == "IfNotPresent"
+    for key in ("HEARTBEAT_TIMEOUT", "RUN_INTERVAL", "MEMBER_INTERVAL", "ALLIANCE_INTERVAL"):
+        assert f"ALLIANCE_OPERATOR_{key}" in env
+    service = one(objs, "Service", "alliance-operator-metrics")
+    assert selector_matches({"matchLabels": service["spec"]["selector"]}, pod["metadata"]["labels"])
+    assert service["spec"]["ports"] == [
+        {"name": "metrics", "port": 9090, "targetPort": "metrics", "protocol": "TCP"}
+    ]
+
+
+# --- RBAC ------------------------------------------------------------------------------------
+
+
+def test_rbac_cluster_wide_by_default(rendered):
+    _, objs = rendered["defaults"]
+    assert not find(objs, "Role") and not find(objs, "RoleBinding")
+    role = one(objs, "ClusterRole")
+    assert rules_of(role) == {**OPERATOR_RULES, **SCANNING_CRDS}
+    binding = one(objs, "ClusterRoleBinding")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "alliance-operator", "namespace": NAMESPACE}
+    ]
+
+
+def test_rbac_per_watched_namespace(rendered):
+    _, objs = rendered["watched-namespaces"]
+    watched = SCENARIOS["watched-namespaces"]["operator"]["watchNamespaces"]
+    roles = find(objs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(watched)
+    for role in roles:
+        assert rules_of(role) == OPERATOR_RULES
+    bindings = find(objs, "RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == sorted(watched)
+    for b in bindings:
+        assert b["roleRef"]["kind"] == "Role"
+        assert b["subjects"][0]["namespace"] == NAMESPACE
+    # Cluster-wide only what kopf scans with: CRDs and namespaces, list and watch.
+    (cluster_role,) = find(objs, "ClusterRole")
+    assert rules_of(cluster_role) == {**SCANNING_CRDS, **SCANNING_NAMESPACES}
+    (c,) = one(objs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    args = c["args"]
+    assert "--all-namespaces" not in args
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--namespace"] == watched
+
+
+def test_rbac_without_cluster_scanning(tmp_path):
+    values = {"operator": {"watchNamespaces": [NAMESPACE]}, "rbac": {"clusterScanning": False}}
+    objs = docs(template(values_file(tmp_path, "noscan", values)).stdout)
+    assert not find(objs, "ClusterRole") and not find(objs, "ClusterRoleBinding")
+    assert rules_of(one(objs, "Role")) == OPERATOR_RULES
+
+
+API_VERBS = {"read": "get", "get": "get", "list": "list", "create": "create", "delete": "delete",
+             "patch": "patch", "replace": "update"}  # fmt: skip
+
+
+def test_rbac_grants_every_api_call_of_the_operator():
+    """Each call of the kubernetes client in the operator's code has its rule (and the rules
+    grant nothing the code and kopf do not use: OPERATOR_RULES is exact, see above)."""
+    calls = set()
+    for path in (ROOT / "operator" / "alliance_operator").rglob("*.py"):
+        text = path.read_text()
+        for verb, kind in re.findall(
+            r"\.(read|get|list|create|delete|patch|replace)_namespaced_([a-z_]+?)\(", text
+        ):
+            resources = ALLIANCE_RESOURCES if kind == "custom_object" else (f"{kind}s",)
+            group = "alliance.dev" if kind == "custom_object" else ""
+            calls |= {(group, r, API_VERBS[verb]) for r in resources}
+    assert calls, "no API calls found: has k8s.py moved?"
+    for group, resource, verb in sorted(calls):
+        assert verb in OPERATOR_RULES.get((group, resource), set()), (
+            f"the operator calls {verb} on {group or 'core'}/{resource}: grant it in "
+            "charts/alliance/templates/operator-rbac.yaml (alliance.operator.rules) and here"
+        )
+
+
+def test_no_wildcards_in_rbac(rendered):
+    for _, objs in rendered.values():
+        for role in find(objs, "Role") + find(objs, "ClusterRole"):
+            for rule in role["rules"]:
+                for field in ("apiGroups", "resources", "verbs"):
+                    assert "*" not in rule[field], role["metadata"]["name"]
+                assert "resourceNames" not in rule or rule["resourceNames"]
+
+
+# --- security --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_every_pod_is_hardened(scenario, rendered):
+    _, objs = rendered[scenario]
+    specs = pod_specs(objs)
+    assert specs
+    for where, _, spec in specs:
+        sc = spec["securityContext"]
+        assert sc["runAsNonRoot"] is True, where
+        assert sc["runAsUser"] > 0 and sc["runAsGroup"] > 0, where
+        assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        assert spec["automountServiceAccountToken"] is where.startswith("Deployment/"), where
+        assert spec["enableServiceLinks"] is False, where
+        tmp = [v["name"] for v in spec["volumes"] if "emptyDir" in v]
+        assert "hostNetwork" not in spec and "hostPID" not in spec, where
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            csc = c["securityContext"]
+            assert csc["allowPrivilegeEscalation"] is False, where
+            assert csc["readOnlyRootFilesystem"] is True, where
+            assert csc["capabilities"] == {"drop": ["ALL"]}, where
+            assert "privileged" not in csc, where
+            mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+            assert mounts.get("/tmp") in tmp, f"{where}: /tmp is not an emptyDir"
+            assert c["resources"].get("limits"), f"{where}: no resource limits"
+            assert ":" in c["image"] and not c["image"].endswith(":latest"), where
+    by_kind = {w.split("/")[0]: s for w, _, s in specs}
+    assert by_kind["Deployment"]["securityContext"]["runAsUser"] == 10001
+    if "StatefulSet" in by_kind:
+        assert by_kind["StatefulSet"]["securityContext"]["runAsUser"] == 1000
+
+
+SECRET_ENV = re.compile(r"(?i)(password|secret|access_?key|token|credential)")
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_no_literal_secret_in_the_manifests(scenario, rendered):
+    text, objs = rendered[scenario]
+    secrets = find(objs, "Secret")
+    values = SCENARIOS[scenario]
+    generated = values.get("minio", {}).get("enabled", True) and not values.get("minio", {}).get(
+        "auth", {}
+    ).get("existingSecret")
+    assert [s["metadata"]["name"] for s in secrets] == (["alliance-minio"] if generated else [])
+    for secret in secrets:
+        assert "stringData" not in secret
+        assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        for value in secret["data"].values():
+            plain = base64.b64decode(value).decode()
+            assert len(plain) >= 20 and plain.isalnum()
+            # Appears in the Secret only: nowhere else, neither plain nor encoded.
+            assert text.count(plain) == 0 and text.count(value) == 1
+    for where, _, spec in pod_specs(objs):
+        for c in spec["containers"]:
+            for e in c.get("env", []):
+                if SECRET_ENV.search(e["name"]):
+                    assert "valueFrom" in e and "value" not in e, f"{where}: {e['name']}"
+    assert not find(objs, "ConfigMap") or all(
+        not SECRET_ENV.search(k) for cm in find(objs, "ConfigMap") for k in cm["data"]
+    )
+
+
+def test_generated_credentials_differ_on_each_install(tmp_path):
+    path = values_file(tmp_path, "defaults", {})
+
+    def keys():
+        return one(docs(template(path).stdout), "Secret")["data"]
+
+    first, second = keys(), keys()
+    assert first["accessKey"] != second["accessKey"]
+    assert first["secretKey"] != second["secretKey"]
+    text = (CHART / "templates" / "minio-secret.yaml").read_text()
+    assert 'lookup "v1" "Secret"' in text  # kept on upgrade: helm template cannot show it
+
+
+# --- network policies ------------------------------------------------------------------------
+
+
+def test_network_policies_restrict_members_to_the_store(rendered):
+    _, objs = rendered["defaults"]
+    members = one(objs, "NetworkPolicy", "alliance-members")
+    spec = members["spec"]
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    # It selects the operator's pods (as the operator builds them) and none of the chart's own.
+    for pod in member_pods():
+        assert selector_matches(spec["podSelector"], pod["metadata"]["labels"])
+    for where, labels, _ in pod_specs(objs):
+        assert not selector_matches(spec["podSelector"], labels), where
+    (ingress,) = spec["ingress"]
+    assert ingress == {"ports": [{"port": 9100, "protocol": "TCP"}]}
+    member = member_pods()[0]["spec"]["containers"][0]
+    metrics_ports = [p["containerPort"] for p in member.get("ports", []) if p["name"] == "metrics"]
+    assert metrics_ports == [9100], "the member metrics port moved: update member.metricsPort"
+    to_store, dns = spec["egress"]
+    minio_labels = one(objs, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
+    (peer,) = to_store["to"]
+    assert selector_matches(peer["podSelector"], minio_labels)
+    assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}}
+    assert to_store["ports"] == [{"port": 9000, "protocol": "TCP"}]
+    assert sorted(p["protocol"] for p in dns["ports"]) == ["TCP", "UDP"]
+    assert dns["to"], "DNS must not be open to every address"
+
+    minio = one(objs, "NetworkPolicy", "alliance-minio")["spec"]
+    assert selector_matches(minio["podSelector"], minio_labels)
+    (allowed,) = minio["ingress"]
+    assert allowed["ports"] == [{"port": 9000, "protocol": "TCP"}]
+    operator_labels = one(objs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    test_labels = one(objs, "Pod")["metadata"]["labels"]
+    peers = allowed["from"]
+    assert len(peers) == 3
+    for labels in (operator_labels, test_labels, *(p["metadata"]["labels"] for p in member_pods())):
+        assert any(selector_matches(p["podSelector"], labels) for p in peers), labels
+    assert not any(selector_matches(p["podSelector"], minio_labels) for p in peers)
+
+
+def test_network_policies_follow_the_watched_namespaces(rendered):
+    _, objs = rendered["watched-namespaces"]
+    watched = SCENARIOS["watched-namespaces"]["operator"]["watchNamespaces"]
+    policies = find(objs, "NetworkPolicy", "alliance-members")
+    assert sorted(p["metadata"]["namespace"] for p in policies) == sorted(watched)
+    minio = one(objs, "NetworkPolicy", "alliance-minio")["spec"]
+    members_peer = minio["ingress"][0]["from"][0]
+    assert members_peer["namespaceSelector"]["matchExpressions"] == [
+        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": watched}
+    ]
+
+
+def test_network_policies_can_be_turned_off(tmp_path):
+    objs = docs(
+        template(values_file(tmp_path, "nonp", {"networkPolicy": {"enabled": False}})).stdout
+    )
+    assert not find(objs, "NetworkPolicy")
+
+
+# --- metrics: ServiceMonitor, PodMonitor, dashboard ------------------------------------------
+
+MONITOR_FIELDS = {  # the Prometheus Operator's monitoring.coreos.com/v1 fields the chart may use
+    "ServiceMonitor": ({"selector", "namespaceSelector", "endpoints"}, "endpoints"),
+    "PodMonitor": ({"selector", "namespaceSelector", "podMetricsEndpoints"}, "podMetricsEndpoints"),
+}
+ENDPOINT_FIELDS = {"port", "path", "scheme", "interval", "honorLabels"}
+
+
+def test_monitors_off_by_default(rendered):
+    _, objs = rendered["defaults"]
+    assert not find(objs, "ServiceMonitor") and not find(objs, "PodMonitor")
+    assert not find(objs, "ConfigMap")
+
+
+def test_service_and_pod_monitors(rendered):
+    _, objs = rendered["metrics-dashboard"]
+    service = one(objs, "Service", "alliance-operator-metrics")
+    for kind, (fields, endpoints_key) in MONITOR_FIELDS.items():
+        monitor = one(objs, kind)
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        assert monitor["metadata"]["labels"]["release"] == "prometheus"
+        assert set(monitor["spec"]) == fields, kind
+        (endpoint,) = monitor["spec"][endpoints_key]
+        assert set(endpoint) <= ENDPOINT_FIELDS
+        assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+        assert endpoint["scheme"] == "http" and endpoint["interval"] == "15s"
+        assert set(monitor["spec"]["namespaceSelector"]) <= {"any", "matchNames"}
+    sm = one(objs, "ServiceMonitor")["spec"]
+    assert selector_matches(sm["selector"], service["metadata"]["labels"])
+    assert "metrics" in [p["name"] for p in service["spec"]["ports"]]
+    assert sm["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    assert sm["endpoints"][0]["honorLabels"] is True  # the metrics' own namespace label
+    pm = one(objs, "PodMonitor")["spec"]
+    agent, init = member_pods()
+    assert selector_matches(pm["selector"], agent["metadata"]["labels"])
+    assert not selector_matches(pm["selector"], init["metadata"]["labels"])
+    assert pm["namespaceSelector"] == {"any": True}
+    _, watched_objs = rendered["watched-namespaces"]
+    assert one(watched_objs, "PodMonitor")["spec"]["namespaceSelector"] == {
+        "matchNames": SCENARIOS["watched-namespaces"]["operator"]["watchNamespaces"]
+    }
+
+
+def test_grafana_dashboard(rendered):
+    _, objs = rendered["metrics-dashboard"]
+    cm = one(objs, "ConfigMap")
+    assert cm["metadata"]["namespace"] == "monitoring"
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    (name,) = cm["data"]
+    dashboard = json.loads(cm["data"][name])
+    assert dashboard["uid"] and dashboard["title"]
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    exprs = [t["expr"] for p in panels for t in p["targets"]]
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    for p in panels:
+        assert p["datasource"]["uid"] == "${datasource}" and p["targets"], p["title"]
+        g = p["gridPos"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24, p["title"]
+    for expr in exprs:
+        assert expr.count("(") == expr.count(")"), expr
+        for var in re.findall(r"\$(\w+)", expr):
+            assert var in variables or var.startswith("__"), expr
+    for metric, kind in DASHBOARD_METRICS.items():
+        used = [e for e in exprs if re.search(rf"\b{metric}(_bucket|_sum|_count)?\{{", e)]
+        assert used, f"no panel shows {metric}"
+        if kind == "histogram":
+            assert any("histogram_quantile(" in e and f"{metric}_bucket{{" in e for e in used), (
+                metric
+            )
+    assert set(json.loads((CHART / "dashboards" / "alliance.json").read_text())) == set(dashboard)
+
+
+# --- NOTES.txt and the helm test pod ---------------------------------------------------------
+
+
+def test_notes_tell_the_next_steps(tmp_path):
+    notes = (CHART / "templates" / "NOTES.txt").read_text()
+    for needle in (
+        "examples/member.yaml",
+        "docs/data-format.md",
+        "kubectl -n {{ $ns }} apply -f examples/trainingrun.yaml",
+        "get trainingruns -w",
+        "describe trainingrun",
+        "/metrics",
+        "helm test",
+    ):
+        assert needle in notes, needle
+    for path in ((ROOT / "examples" / "member.yaml"), (ROOT / "docs" / "data-format.md")):
+        assert path.exists(), path
+
+
+def test_helm_test_pod(rendered):
+    for scenario in ("defaults", "external-s3"):
+        _, objs = rendered[scenario]
+        pod = one(objs, "Pod")
+        assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+        (c,) = pod["spec"]["containers"]
+        assert c["command"][:2] == ["python", "-c"]
+        code, store, mode, metrics = c["command"][2:]
+        compile(code, "helm-test", "exec")  # valid Python
+        assert metrics == f"http://alliance-operator-metrics.{NAMESPACE}.svc:9090/metrics"
+        assert store == one(objs, "Alliance")["spec"]["store"]["endpoint"]
+        assert mode == ("minio" if scenario == "defaults" else "external")
+        assert "/minio/health/live" in code
+        assert pod["spec"]["restartPolicy"] == "Never"
+
+
+# --- helm against the test API server: lookups and NOTES ------------------------------------
+
+
+def _kubectl(kubeconfig: Path, *args: str, input: str | None = None) -> str:
+    result = subprocess.run(
+        [str(KUBECTL), "--kubeconfig", str(kubeconfig), *args],
+        capture_output=True, text=True, input=input, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, f"kubectl {' '.join(args)}: {result.stderr}{result.stdout}"
+    return result.stdout
+
+
+def _monitoring_crd(kind: str) -> dict:
+    """A stand-in for a Prometheus Operator CRD, so that helm finds the kind (schema-less)."""
+    plural = kind.lower() + "s"
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.monitoring.coreos.com"},
+        "spec": {
+            "group": "monitoring.coreos.com",
+            "scope": "Namespaced",
+            "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "x-kubernetes-preserve-unknown-fields": True,
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def _dry_run_install(kubeconfig: Path, values_path: Path) -> dict:
+    """``helm install --dry-run=server``: rendered with lookups against the server, not applied.
+    (A real ``helm install`` there applies everything but cannot record the release: the test
+    API server refuses an update whose body has an empty metadata.namespace, which a real API
+    server fills in from the URL; so no ``helm upgrade`` either.)"""
+    result = helm(
+        "--kubeconfig", str(kubeconfig), "install", RELEASE, str(CHART), "--namespace", NAMESPACE,
+        "-f", str(values_path), "--dry-run=server", "--disable-openapi-validation", "-o", "json",
+    )  # fmt: skip
+    return json.loads(result.stdout)
+
+
+def test_generated_credentials_are_kept_on_upgrade(kubeconfig, tmp_path):
+    """The MinIO Secret's keys come from the existing Secret when there is one (lookup)."""
+    _kubectl(kubeconfig, "create", "namespace", NAMESPACE)
+    _kubectl(kubeconfig, "apply", "-f", str(ROOT / "crds"))
+    existing = {"accessKey": "a2VwdC1hY2Nlc3M=", "secretKey": "a2VwdC1zZWNyZXQ="}
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": "alliance-minio",
+            "namespace": NAMESPACE,
+            "labels": {"app.kubernetes.io/managed-by": "Helm"},
+            "annotations": {
+                "meta.helm.sh/release-name": RELEASE,
+                "meta.helm.sh/release-namespace": NAMESPACE,
+            },
+        },
+        "data": existing,
+    }
+    _kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(secret))
+    release = _dry_run_install(kubeconfig, values_file(tmp_path, "defaults", {}))
+    assert one(docs(release["manifest"]), "Secret", "alliance-minio")["data"] == existing
+
+
+def test_notes_render_in_every_scenario(kubeconfig, tmp_path):
+    _kubectl(kubeconfig, "create", "namespace", NAMESPACE)
+    _kubectl(kubeconfig, "apply", "-f", str(ROOT / "crds"))
+    crds = [_monitoring_crd("ServiceMonitor"), _monitoring_crd("PodMonitor")]
+    _kubectl(kubeconfig, "apply", "-f", "-", input=yaml.safe_dump_all(crds))
+    for name, values in SCENARIOS.items():
+        notes = _dry_run_install(kubeconfig, values_file(tmp_path, name, values))["info"]["notes"]
+        assert "examples/trainingrun.yaml" in notes and "get trainingruns -w" in notes, name
+        assert "/metrics" in notes and f"helm test {RELEASE}" in notes, name
+        assert "{{" not in notes and "<no value>" not in notes, name
+        endpoint = "https://s3.example.org:8443" if name == "external-s3" else "alliance-minio"
+        assert endpoint in notes, name
+
+
+# --- the default rendering on the test API server, and the operator it starts ---------------
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def _get(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+def _wait(check, timeout: float, what: str, diagnose=lambda: ""):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}\n"
+                         f"{diagnose()}")  # fmt: skip
+
+
+@pytest.fixture
+def kubeconfig(tmp_path):
+    """A test API server (tests/kube/apiserver.py) and a kubeconfig for it."""
+    from tests.kube.apiserver import ApiServer
+
+    server = ApiServer().start()
+    try:
+        yield server.write_kubeconfig(tmp_path / "kubeconfig")
+    finally:
+        server.stop()
+
+
+def test_default_rendering_runs_the_operator_on_the_test_api_server(rendered, kubeconfig, tmp_path):
+    text, objs = rendered["defaults"]
+
+    def kubectl(*args: str, input: str | None = None) -> str:
+        return _kubectl(kubeconfig, *args, input=input)
+
+    kubectl("apply", "-f", str(ROOT / "crds"))
+    kubectl("create", "namespace", NAMESPACE)
+    kubectl("apply", "-f", "-", input=text)
+    for o in objs:
+        ns = ["-n", o["metadata"]["namespace"]] if "namespace" in o["metadata"] else []
+        got = json.loads(kubectl("get", o["kind"], o["metadata"]["name"], *ns, "-o", "json"))
+        assert got["kind"] == o["kind"] and got["metadata"]["uid"]
+
+    # The operator exactly as the Deployment runs it: command, arguments, environment.
+    (container,) = one(objs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    env = {}
+    for e in container["env"]:
+        assert "value" in e, f"{e['name']}: only literal values can be resolved here"
+        env[e["name"]] = e["value"]
+    liveness = container["args"][container["args"].index("--liveness") + 1]
+    health_port = int(re.fullmatch(r"http://0\.0\.0\.0:(\d+)/healthz", liveness).group(1))
+    metrics_port = int(env["ALLIANCE_OPERATOR_METRICS_PORT"])
+    for port in (health_port, metrics_port):
+        if not _port_free(port):
+            pytest.fail(
+                f"port {port} (from the rendered Deployment) is busy on this machine: free it "
+                "to run this test (the rendering is not changed to fit the machine)",
+                pytrace=False,
+            )
+    (command,) = container["command"]
+    executable = BIN / command
+    assert executable.exists(), f"{executable} is missing: run make install"
+    log_path = tmp_path / "operator.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [str(executable), *container["args"]],
+            env={**os.environ, **env, "KUBECONFIG": str(kubeconfig)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=tmp_path,
+        )
+
+    def diagnose() -> str:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
+        return f"operator exit code: {proc.poll()}\noperator log (tail):\n{tail}"
+
+    try:
+        _wait(
+            lambda: proc.poll() is None and _get(f"http://127.0.0.1:{health_port}/healthz") == 200,
+            30, "the operator's /healthz", diagnose,
+        )  # fmt: skip
+
+        def store_ready():
+            alliance = json.loads(
+                kubectl("get", "alliance", "mnist", "-n", NAMESPACE, "-o", "json")
+            )
+            conds = (alliance.get("status") or {}).get("conditions") or []
+            return next((c for c in conds if c["type"] == "StoreReady"), None)
+
+        # The metrics Service's target: the port ALLIANCE_OPERATOR_METRICS_PORT names.
+        _wait(
+            lambda: _get(f"http://127.0.0.1:{metrics_port}/metrics") == 200,
+            10, "the operator's /metrics", diagnose,
+        )  # fmt: skip
+        cond = _wait(store_ready, 40, "the Alliance's StoreReady condition", diagnose)
+        # No MinIO runs here, and the in-cluster name does not resolve from this machine.
+        assert cond["status"] == "False"
+        assert cond["reason"] in ("StoreUnreachable", "SecretNotFound", "SecretKeyMissing")
+        assert cond["reason"] == "StoreUnreachable", cond  # the Secret was applied with it
+        assert cond["message"]
+        assert proc.poll() is None, diagnose()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 0)
+            pytest.fail(f"operator process group {proc.pid} outlived the test")
