@@ -10,8 +10,8 @@ import kopf
 
 from alliance.store import StoreError
 from alliance_operator import k8s
-from alliance_operator.conditions import is_true, now_rfc3339, set_condition
-from alliance_operator.handlers.common import Context, changed, report_transitions
+from alliance_operator.conditions import is_true
+from alliance_operator.handlers.common import Context, StatusUpdate
 from alliance_operator.podstate import PodHealth, pod_state
 from alliance_operator.resources.pods import init_pod, init_pod_name
 from alliance_operator.stores import StoreUnavailable
@@ -20,16 +20,10 @@ from alliance_operator.stores import StoreUnavailable
 def reconcile(ctx: Context, body: dict, logger) -> dict:
     """One pass; returns the status patch."""
     meta = body["metadata"]
-    name, namespace, generation = meta["name"], meta["namespace"], meta.get("generation")
+    name, namespace = meta["name"], meta["namespace"]
     spec = body["spec"]
-    old = body.get("status") or {}
-    now = now_rfc3339()
-    new = dict(old)
-    conds = old.get("conditions") or []
-
-    def cond(type_: str, ok: bool | None, reason: str, message: str) -> None:
-        nonlocal conds
-        conds = set_condition(conds, type_, ok, reason, message, generation, now)
+    status = StatusUpdate(body)
+    old, new, cond = status.old, status.new, status.set
 
     manifest = None
     try:
@@ -58,7 +52,7 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
         )
         if not is_true(old.get("conditions"), "ModelReady"):
             k8s.delete_pod(namespace, pod_name)  # its work is done (no-op when already gone)
-    elif conds and any(c["type"] == "StoreReady" and c["status"] == "True" for c in conds):
+    elif status.is_true("StoreReady"):
         state = pod_state(k8s.get_pod(namespace, pod_name))
         if state.health == PodHealth.ABSENT:
             pod = init_pod(
@@ -86,15 +80,12 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
     else:
         cond("ModelReady", None, "WaitingForStore", "the store must be reachable first")
 
-    ready = all(c["status"] == "True" for c in conds if c["type"] in ("StoreReady", "ModelReady"))
-    not_ready = [c for c in conds if c["type"] != "Ready" and c["status"] != "True"]
+    ready = status.is_true("StoreReady") and status.is_true("ModelReady")
+    not_ready = [c for c in status.conditions if c["type"] != "Ready" and c["status"] != "True"]
     cond(
         "Ready",
         ready,
         "Ready" if ready else not_ready[0]["reason"],
         "the alliance accepts members and runs" if ready else not_ready[0]["message"],
     )
-    new["conditions"] = conds
-    new["observedGeneration"] = generation
-    report_transitions(body, old.get("conditions"), conds)
-    return changed(old, new)
+    return status.patch()

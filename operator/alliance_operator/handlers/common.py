@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import kopf
 
+from alliance_operator.conditions import is_true, now_rfc3339, set_condition
 from alliance_operator.config import OperatorConfig
 from alliance_operator.stores import Stores
 
@@ -23,6 +24,37 @@ class Context:
     @classmethod
     def from_config(cls, config: OperatorConfig) -> Context:
         return cls(config=config, stores=Stores(config.store_retry_seconds))
+
+
+class StatusUpdate:
+    """The status one pass computes: it starts as the stored status; the pass sets conditions
+    and fields; ``patch()`` reports the condition changes as Events and returns the merge patch
+    (empty when nothing changed). One clock reading per pass, so its conditions agree."""
+
+    def __init__(self, body: dict):
+        self.body = body
+        self.generation = body["metadata"].get("generation")
+        self.old = body.get("status") or {}
+        self.new = dict(self.old)
+        self.conditions: list[dict] = list(self.old.get("conditions") or [])
+        self.now = now_rfc3339()
+
+    def set(self, type_: str, ok: bool | None, reason: str, message: str) -> None:
+        self.conditions = set_condition(
+            self.conditions, type_, ok, reason, message, self.generation, self.now
+        )
+
+    def get(self, type_: str) -> dict:
+        return next((c for c in self.conditions if c["type"] == type_), {})
+
+    def is_true(self, type_: str) -> bool:
+        return is_true(self.conditions, type_)
+
+    def patch(self) -> dict:
+        self.new["conditions"] = self.conditions
+        self.new["observedGeneration"] = self.generation
+        report_transitions(self.body, self.old.get("conditions"), self.conditions)
+        return changed(self.old, self.new)
 
 
 def changed(old: dict, new: dict) -> dict:

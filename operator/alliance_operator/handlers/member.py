@@ -14,9 +14,8 @@ import kopf
 
 from alliance.store import StoreError
 from alliance_operator import k8s, metrics
-from alliance_operator.conditions import is_true, now_rfc3339, set_condition
 from alliance_operator.constants import ALLIANCES, ANNOTATION_SPEC_HASH
-from alliance_operator.handlers.common import Context, changed, report_transitions
+from alliance_operator.handlers.common import Context, StatusUpdate
 from alliance_operator.podstate import PodHealth, pod_state
 from alliance_operator.resources.pods import member_pod, member_pod_name
 from alliance_operator.stores import StoreUnavailable
@@ -24,23 +23,17 @@ from alliance_operator.stores import StoreUnavailable
 
 def reconcile(ctx: Context, body: dict, logger) -> dict:
     meta = body["metadata"]
-    name, namespace, generation = meta["name"], meta["namespace"], meta.get("generation")
+    name, namespace = meta["name"], meta["namespace"]
     spec = body["spec"]
-    old = body.get("status") or {}
-    now = now_rfc3339()
-    new = dict(old)
-    conds = old.get("conditions") or []
-
-    def cond(type_: str, ok: bool | None, reason: str, message: str) -> None:
-        nonlocal conds
-        conds = set_condition(conds, type_, ok, reason, message, generation, now)
+    status = StatusUpdate(body)
+    old, new, cond = status.old, status.new, status.set
 
     alliance = k8s.get_custom(namespace, ALLIANCES, spec["alliance"])
     if alliance is None:
         cond("AllianceFound", False, "AllianceNotFound", f'Alliance "{spec["alliance"]}" not found')
         cond("Ready", False, "AllianceNotFound", f'Alliance "{spec["alliance"]}" not found')
         new.update(phase="Pending", message=f'waiting for Alliance "{spec["alliance"]}"')
-        return _finish(body, old, new, conds, generation)
+        return _finish(status)
     cond("AllianceFound", True, "Found", f'member of Alliance "{spec["alliance"]}"')
 
     pod_name = member_pod_name(name)
@@ -92,8 +85,8 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
         beat_age = None if written is None else max(0.0, time.time() - written)
     stale = beat_age is not None and beat_age > ctx.config.heartbeat_timeout
 
-    data_ok = any(c["type"] == "DataReady" and c["status"] == "True" for c in conds)
-    data_bad = any(c["type"] == "DataReady" and c["status"] == "False" for c in conds)
+    data_ok = status.is_true("DataReady")
+    data_bad = status.get("DataReady").get("status") == "False"
     if beat and beat.get("state") == "ready":
         new["trainRows"] = int(beat.get("trainRows") or 0)
         new["testRows"] = int(beat.get("testRows") or 0)
@@ -101,7 +94,7 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
         # The pod runs but the agent is silent (hung, or cut off from the store): the runs
         # count it as lost, so it is not Ready either.
         message = f"no heartbeat for {beat_age:.0f} s (the agent may be hung or cut off)"
-        ready_before = next((c for c in conds if c["type"] == "Ready"), {})
+        ready_before = status.get("Ready")
         if ready_before.get("reason") != "HeartbeatStale":
             kopf.warn(body, reason="HeartbeatStale", message=message)
         cond("Ready", False, "HeartbeatStale", message)
@@ -110,7 +103,7 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
         cond("Ready", True, "Ready", "the agent runs with valid data and takes work")
         new.update(phase="Ready", message="taking work")
     elif data_bad:
-        message = next(c["message"] for c in conds if c["type"] == "DataReady")
+        message = status.get("DataReady")["message"]
         cond("Ready", False, "InvalidData", message)
         new.update(phase="InvalidData", message=message)
     elif state.health in (PodHealth.STUCK, PodHealth.FAILED):
@@ -118,11 +111,13 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
         new.update(phase=state.reason, message=state.message)
     else:
         waiting = next(
-            c for c in conds if c["type"] in ("PodReady", "DataReady") and c["status"] != "True"
+            c
+            for c in status.conditions
+            if c["type"] in ("PodReady", "DataReady") and c["status"] != "True"
         )
         cond("Ready", False, waiting["reason"], waiting["message"])
         new.update(phase="Starting", message=waiting["message"])
-    return _finish(body, old, new, conds, generation)
+    return _finish(status)
 
 
 def _data_condition(cond, beat: dict | None) -> None:
@@ -142,20 +137,17 @@ def _data_condition(cond, beat: dict | None) -> None:
         cond("DataReady", None, "Validating", "the agent is validating its data")
 
 
-def _finish(body: dict, old: dict, new: dict, conds: list[dict], generation) -> dict:
-    new["conditions"] = conds
-    new["observedGeneration"] = generation
-    report_transitions(body, old.get("conditions"), conds)
-    meta = body["metadata"]
+def _finish(status: StatusUpdate) -> dict:
+    meta = status.body["metadata"]
     if not meta.get("deletionTimestamp"):  # being deleted: deleted() takes it out
         metrics.member_ready(
             meta["namespace"],
             meta["name"],
             meta["uid"],
-            body["spec"]["alliance"],
-            is_true(conds, "Ready"),
+            status.body["spec"]["alliance"],
+            status.is_true("Ready"),
         )
-    return changed(old, new)
+    return status.patch()
 
 
 def deleted(body: dict) -> None:

@@ -17,7 +17,7 @@ from alliance.coordinator import Coordinator, pin_spec
 from alliance.engine import Phase, RoundRecord, RunSpec, RunStatus, SpecError
 from alliance.store import StoreError, run_key
 from alliance_operator import k8s, metrics
-from alliance_operator.conditions import is_true, now_rfc3339, set_condition
+from alliance_operator.conditions import is_true
 from alliance_operator.constants import (
     ALLIANCES,
     LABEL_ALLIANCE,
@@ -25,7 +25,7 @@ from alliance_operator.constants import (
     MEMBERS,
     TRAININGRUNS,
 )
-from alliance_operator.handlers.common import Context, changed, report_transitions
+from alliance_operator.handlers.common import Context, StatusUpdate
 from alliance_operator.podstate import pod_state
 from alliance_operator.resources.pods import member_pod_name, short_name
 from alliance_operator.stores import StoreUnavailable
@@ -76,24 +76,15 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
     if fresh is None or fresh["metadata"].get("uid") != meta.get("uid"):
         return {}
     body, spec, generation = fresh, fresh["spec"], fresh["metadata"].get("generation")
-    old = fresh.get("status") or {}
     # Being deleted: the clean-up handler removes the run's metrics; this pass adds none.
     counted = not fresh["metadata"].get("deletionTimestamp")
-    now = now_rfc3339()
-    new = dict(old)
-    conds = old.get("conditions") or []
-
-    def cond(type_: str, ok: bool | None, reason: str, message: str) -> None:
-        nonlocal conds
-        conds = set_condition(conds, type_, ok, reason, message, generation, now)
+    status_update = StatusUpdate(body)
+    old, new, cond = status_update.old, status_update.new, status_update.set
 
     def finish() -> dict:
-        new["conditions"] = conds
-        new["observedGeneration"] = generation
-        report_transitions(body, old.get("conditions"), conds)
         if counted:
             metrics.run_seen(namespace, meta["name"], meta["uid"], new)
-        return changed(old, new)
+        return status_update.patch()
 
     alliance = k8s.get_custom(namespace, ALLIANCES, spec["alliance"])
     if alliance is None:
@@ -119,8 +110,8 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
         cond("Invalid", True, "InvalidSpec", f"{message}; ignored: the run keeps its first spec")
         run_spec = None
     else:
-        if is_true(conds, "Invalid") and not started:
-            new = {"conditions": conds}  # fixed before it started: start afresh
+        if status_update.is_true("Invalid") and not started:
+            new.clear()  # fixed before it started: start afresh
         cond("Invalid", False, "Valid", "the spec is valid")
 
     try:
