@@ -537,11 +537,11 @@ def test_decimals_given_with_set(tmp_path):
     """``--set`` passes 0.5 as a string: the schema takes decimal strings for those settings."""
     path = values_file(tmp_path, "defaults", {})
     result = template(
-        path, "--set", "operator.runInterval=0.5", "--set", "operator.heartbeatTimeout=90"
+        path, "--set", "operator.runInterval=0.25", "--set", "operator.heartbeatTimeout=90"
     )
     (c,) = one(docs(result.stdout), "Deployment")["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e["value"] for e in c["env"]}
-    assert env["ALLIANCE_OPERATOR_RUN_INTERVAL"] == "0.5"
+    assert env["ALLIANCE_OPERATOR_RUN_INTERVAL"] == "0.25"
     assert env["ALLIANCE_OPERATOR_HEARTBEAT_TIMEOUT"] == "90"
     for bad in ("0", "soon", "-1"):
         refused = template(path, "--set", f"operator.runInterval={bad}", check=False)

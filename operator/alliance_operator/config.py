@@ -24,7 +24,7 @@ class OperatorConfig:
     #: A member whose heartbeat is older than this counts as lost (seconds).
     heartbeat_timeout: float = 60.0
     #: How often a TrainingRun, a Member and an Alliance are reconciled (seconds).
-    run_interval: float = 1.0
+    run_interval: float = 0.5
     member_interval: float = 3.0
     alliance_interval: float = 10.0
     #: How long one store call may retry before the reconcile gives up until the next tick.
