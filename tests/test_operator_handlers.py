@@ -17,6 +17,7 @@ import itertools
 import json
 import logging
 import re
+import threading
 import time
 import uuid
 
@@ -1162,3 +1163,30 @@ def test_edits_apply_until_round_one_and_are_reported_ignored_after(
     seen = len(events)
     op.reconcile("TrainingRun", RUN)
     assert op.new_events(seen) == []
+
+
+def test_a_pass_moves_the_run_as_soon_as_the_last_update_lands(cluster, events, federation, s3):
+    # Within one pass the store is polled every 0.1 s for up to the run interval: the round
+    # moves on when the last update arrives, not at the next pass.
+    op = Operator(
+        cluster,
+        Context.from_config(OperatorConfig(store_retry_seconds=2, run_interval=3.0)),
+        events,
+    )
+    cluster.apply("TrainingRun", RUN, run_spec())
+    op.reconcile("TrainingRun", RUN)
+    status = op.status("TrainingRun", RUN)
+    assert status["stage"] == "Training"
+    update(s3, status["storeRun"], "m1")
+    late = threading.Timer(0.5, update, (s3, status["storeRun"], "m2"))
+    late.start()
+    started = time.monotonic()
+    op.reconcile("TrainingRun", RUN)
+    elapsed = time.monotonic() - started
+    late.join()
+    assert op.status("TrainingRun", RUN)["stage"] == "Validating"  # aggregated in this pass
+    assert 0.5 <= elapsed < 2.0, elapsed
+    # Nothing to wait for in a pass that has no news: it ends after the interval.
+    started = time.monotonic()
+    assert op.reconcile("TrainingRun", RUN) == {}
+    assert 2.8 <= time.monotonic() - started < 4.0

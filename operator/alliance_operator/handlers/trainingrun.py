@@ -11,6 +11,8 @@ the conditions Invalid, AllianceFound, StoreReady, Progressing and Completed.
 
 from __future__ import annotations
 
+import time
+
 import kopf
 
 from alliance.coordinator import Coordinator, pin_spec
@@ -126,7 +128,7 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
             )
         members = _member_pods(namespace, spec["alliance"])
         coordinator.lost_members = lambda: {m for m, state in members.items() if state.lost}
-        status = coordinator.reconcile(RunStatus.from_dict(new))
+        status = _until_next_step(coordinator, RunStatus.from_dict(new), ctx.config.run_interval)
     except StoreUnavailable as exc:
         cond("StoreReady", False, exc.reason, exc.message)
         new.setdefault("phase", Phase.PENDING.value)
@@ -174,6 +176,28 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
         with ctx.lock:
             ctx.coordinators.pop(meta["uid"], None)
     return finish()
+
+
+#: How often a pass looks at the store while it waits for the round's next step.
+STORE_POLL_SECONDS = 0.1
+
+
+def _until_next_step(coordinator: Coordinator, status: RunStatus, window: float) -> RunStatus:
+    """Reconcile, and while the run waits for its members, keep looking at the store for up to
+    ``window`` seconds: the pass ends as soon as the run takes a step (a stage, round or phase
+    change), so a round moves on ~0.1 s after its last result lands instead of at the next
+    pass. The Kubernetes reads (the run, its Alliance, Members and pods) stay one per pass."""
+    deadline = time.monotonic() + window
+    step = (status.phase, status.round, status.stage)
+    status = coordinator.reconcile(status)
+    while (
+        status.phase in (Phase.PENDING, Phase.RUNNING)
+        and (status.phase, status.round, status.stage) == step
+        and time.monotonic() + STORE_POLL_SECONDS < deadline
+    ):
+        time.sleep(STORE_POLL_SECONDS)
+        status = coordinator.reconcile(status)
+    return status
 
 
 def _coordinator(
