@@ -42,7 +42,9 @@ def alliance(store):
     return store, seed
 
 
-def start_agent(store, tmp_path, name, rows=8, train=TRAIN, validate=VALIDATE):
+def start_agent(store, tmp_path, name, rows=8, train=TRAIN, validate=VALIDATE, **config):
+    """A real agent in a thread, training with tiny command scripts; ``config``: more
+    AgentConfig fields (e.g. metrics_port)."""
     data = tmp_path / name
     write_rows(data / "train.csv", rows)
     write_rows(data / "test.csv", 4)
@@ -51,7 +53,7 @@ def start_agent(store, tmp_path, name, rows=8, train=TRAIN, validate=VALIDATE):
         path = tmp_path / f"{name}-{kind}.py"
         path.write_text(code)
         scripts.append(path)
-    config = AgentConfig(
+    agent_config = AgentConfig(
         name=name,
         data_dir=data,
         cache_dir=tmp_path / "cache",
@@ -59,8 +61,9 @@ def start_agent(store, tmp_path, name, rows=8, train=TRAIN, validate=VALIDATE):
         train_command=f"{sys.executable} {scripts[0]} {{model_in}} {{data_dir}} {{model_out}} "
         "{metrics_out} {epochs}",
         validate_command=f"{sys.executable} {scripts[1]} {{model_in}} {{metrics_out}}",
+        **config,
     )
-    agent = Agent(store, config)
+    agent = Agent(store, agent_config)
     thread = threading.Thread(target=agent.run, daemon=True)
     thread.start()
     return agent, thread

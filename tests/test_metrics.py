@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import sys
 import threading
 import time
 import urllib.error
@@ -29,12 +28,11 @@ from alliance import cli, weights
 from alliance import metrics as member_metrics
 from alliance.coordinator import Coordinator
 from alliance.engine import Phase, RunSpec, RunStatus
-from alliance.member import Agent, AgentConfig
+from alliance.member import Agent
 from alliance.s3server import free_port
 from tests import test_agent
 from tests import test_operator_handlers as handlers
-from tests.conftest import write_rows
-from tests.test_agent import TRAIN, VALIDATE, wait_ready
+from tests.test_agent import wait_ready
 from tests.test_operator_handlers import EVICTED, LOG, NS, running
 
 # The fixtures of the handler and agent tests (pytest finds fixtures by module attribute).
@@ -296,28 +294,7 @@ def drive(store, spec: RunSpec, run: str = "run", timeout: float = 60.0) -> RunS
 
 
 def start_metered_agent(store, tmp_path, name: str, port: int) -> tuple[Agent, threading.Thread]:
-    data = tmp_path / name
-    write_rows(data / "train.csv", 8)
-    write_rows(data / "test.csv", 4)
-    scripts = []
-    for kind, code in (("train", TRAIN), ("validate", VALIDATE)):
-        path = tmp_path / f"{name}-{kind}.py"
-        path.write_text(code)
-        scripts.append(path)
-    config = AgentConfig(
-        name=name,
-        data_dir=data,
-        cache_dir=tmp_path / "cache",
-        poll_seconds=0.05,
-        train_command=f"{sys.executable} {scripts[0]} {{model_in}} {{data_dir}} {{model_out}} "
-        "{metrics_out} {epochs}",
-        validate_command=f"{sys.executable} {scripts[1]} {{model_in}} {{metrics_out}}",
-        metrics_port=port,
-    )
-    agent = Agent(store, config)
-    thread = threading.Thread(target=agent.run, daemon=True)
-    thread.start()
-    return agent, thread
+    return test_agent.start_agent(store, tmp_path, name, metrics_port=port)
 
 
 def test_member_metrics_move_as_the_agent_works(agent_alliance, tmp_path, caplog):
