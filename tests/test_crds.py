@@ -2,14 +2,15 @@
 
 Everything here is offline: no cluster, no network. The CRDs are checked as
 apiextensions.k8s.io/v1 objects against the real Kubernetes OpenAPI schemas
-(kubernetes-validate, strict), plus the structural-schema rules the API server applies and a
-tool cannot; the example resources are checked against their CRD's openAPIV3Schema with
-jsonschema, after the steps the API server takes first (null pruning, defaulting). Unknown fields
-are rejected, as the API server does under kubectl's default ``--validate=strict``.
+(kubernetes-validate, strict), and against the rules the API server applies to a CRD's schema
+before it accepts it (tests/kube/crdschema.py: structural schema, metadata, defaults valid for
+their own field with the server's int64 comparisons, CEL rules). Resources are admitted as the
+API server admits them (the same module: pruning, defaulting, validation, CEL rules), with
+unknown fields rejected as under kubectl's default ``--validate=strict``.
 
-What is not checked here: the CEL rules (``x-kubernetes-validations``) are not evaluated (there is
-no CEL evaluator offline; only that they name existing fields), and nothing is applied to a real
-API server. The engine (``RunSpec.validate``, ``DataSchema``) re-checks every spec anyway.
+What only a real API server shows: the exact CEL cost estimate (approximated), Go's RE2 in
+patterns (Python's re here). The engine (``RunSpec.validate``, ``DataSchema``) re-checks every
+spec anyway.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jsonschema
 import kubernetes_validate
 import numpy as np
 import pytest
@@ -31,6 +31,7 @@ import yaml
 from alliance import strategies
 from alliance.data import DataError, DataSchema
 from alliance.engine import Phase, RoundRecord, RunSpec, RunStatus, SpecError, Stage
+from tests.kube import crdschema
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD_DIR = ROOT / "crds"
@@ -111,73 +112,14 @@ def camel(name: str) -> str:
 # --- what the API server does to a custom resource, offline ----------------------------------
 
 
-def to_jsonschema(node):
-    """An OpenAPI v3 (Kubernetes) schema node as JSON Schema 2020-12.
-
-    ``x-kubernetes-*`` keys go; ``exclusiveMinimum: true`` (draft 4 style, a flag on
-    ``minimum``) becomes the numeric form; an object with ``properties`` and no
-    ``additionalProperties`` rejects unknown fields (strict field validation).
-    """
-    if isinstance(node, list):
-        return [to_jsonschema(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    out = {}
-    for key, value in node.items():
-        if key.startswith("x-kubernetes-"):
-            continue
-        if key == "properties":
-            out[key] = {name: to_jsonschema(sub) for name, sub in value.items()}
-        elif key in ("default", "enum"):
-            out[key] = value
-        else:
-            out[key] = to_jsonschema(value)
-    for bound in ("Minimum", "Maximum"):
-        if out.get(f"exclusive{bound}") is True:
-            out[f"exclusive{bound}"] = out.pop(bound.lower())
-        elif out.get(f"exclusive{bound}") is False:
-            del out[f"exclusive{bound}"]
-    if "properties" in out and "additionalProperties" not in out:
-        out["additionalProperties"] = False
-    return out
-
-
-def prune_nulls(obj):
-    """Drop object fields whose value is null (PruneNonNullableNullsWithoutDefaults)."""
-    if isinstance(obj, dict):
-        return {k: prune_nulls(v) for k, v in obj.items() if v is not None}
-    if isinstance(obj, list):
-        return [prune_nulls(v) for v in obj]
-    return obj
-
-
-def apply_defaults(obj, schema: dict):
-    """Fill in absent fields that have a ``default`` (structural defaulting), recursively."""
-    if isinstance(obj, dict):
-        for name, sub in schema.get("properties", {}).items():
-            if name not in obj and "default" in sub:
-                obj[name] = copy.deepcopy(sub["default"])
-            if name in obj:
-                apply_defaults(obj[name], sub)
-        extra = schema.get("additionalProperties")
-        if isinstance(extra, dict):
-            for name in set(obj) - set(schema.get("properties", {})):
-                apply_defaults(obj[name], extra)
-    elif isinstance(obj, list) and isinstance(schema.get("items"), dict):
-        for item in obj:
-            apply_defaults(item, schema["items"])
-    return obj
-
-
 def admit(kind: str, resource: dict) -> tuple[dict, list[str]]:
-    """The resource as the API server would store it, and the schema errors ("path: message")."""
-    obj = apply_defaults(prune_nulls(copy.deepcopy(resource)), openapi(kind))
-    validator = jsonschema.Draft202012Validator(to_jsonschema(openapi(kind)))
-    errors = [
-        f"{'.'.join(str(p) for p in e.absolute_path)}: {e.message}"
-        for e in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.path)))
-    ]
-    return obj, errors
+    """The resource as the API server would store it, and its errors ("field: detail"),
+    unknown fields included (``kubectl apply`` asks for strict field validation)."""
+    obj = crdschema.decode_numbers(copy.deepcopy(resource))
+    obj.setdefault("metadata", {"name": "x"})
+    causes, unknown = crdschema.admit(obj, openapi(kind))
+    errors = [f"{field}: {detail}" for field, _, detail in causes]
+    return obj, errors + [f'unknown field "{field}"' for field in unknown]
 
 
 def walk(node: dict, path: str = ""):
@@ -286,31 +228,80 @@ def test_the_category_is_no_resource_name():
 # --- structural schemas -----------------------------------------------------------------------
 
 
+def _unbounded_rule(data_schema: dict) -> None:
+    del data_schema["properties"]["featureShape"]["maxItems"]
+    rule = {"rule": "self.featureShape.all(d, d < 100)", "message": "too big"}
+    data_schema["x-kubernetes-validations"].append(rule)
+
+
+def server_refusals(schema: dict) -> list[str]:
+    return [f"{f}: {d}" for f, _, d in crdschema.check_schema(schema, "openAPIV3Schema")]
+
+
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_schema_is_structural(kind):
-    root = openapi(kind)
-    int_or_string = [{"type": "integer"}, {"type": "string"}]
+def test_the_api_server_would_accept_the_crd(kind):
+    # What a v1.32 API server refused in the first CRDs: a description under metadata, and
+    # float32 bounds that overflow int64 when an integer value (a default of 255) meets them.
+    assert not server_refusals(openapi(kind))
+
+
+@pytest.mark.parametrize(
+    "mistake, refusal",
+    [
+        (
+            lambda root: root["properties"]["metadata"].update(description="Object metadata."),
+            "openAPIV3Schema.properties[metadata]: Forbidden: must not specify anything other "
+            "than name and generateName, but metadata is implicitly specified",
+        ),
+        (
+            lambda root: root["properties"]["spec"]["properties"]["dataSchema"]["properties"][
+                "maxValue"
+            ].update(maximum=3.4028234663852886e38),
+            "properties[maxValue].default: Invalid value: 255: in body should be less than or "
+            "equal to -9223372036854775808",
+        ),
+        (
+            lambda root: root["properties"]["spec"]["properties"]["dataSchema"]["properties"][
+                "numClasses"
+            ].update(default=1),
+            "properties[numClasses].default: Invalid value: 1: in body should be greater than "
+            "or equal to 2",
+        ),
+        (
+            lambda root: root["properties"]["spec"].pop("type"),
+            "openAPIV3Schema.properties[spec].type: Required value: must not be empty for "
+            "specified object fields",
+        ),
+        (
+            lambda root: root["properties"]["spec"]["properties"]["dataSchema"][
+                "x-kubernetes-validations"
+            ].append({"rule": "self.minValue <= self.maxValu", "message": "m"}),
+            "compilation failed: undefined field 'maxValu'",
+        ),
+        (
+            lambda root: _unbounded_rule(root["properties"]["spec"]["properties"]["dataSchema"]),
+            "estimated rule cost exceeds budget",
+        ),
+    ],
+)
+def test_the_api_servers_crd_rules_catch_each_known_mistake(mistake, refusal):
+    broken = copy.deepcopy(openapi("Member"))
+    mistake(broken)
+    refusals = server_refusals(broken)
+    assert any(refusal in r for r in refusals), refusals
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_schema_conventions(kind):
+    """Beyond what the server requires: every object declares its fields (none kept open), and
+    junctors only constrain fields the node declares."""
     problems = []
-    for path, node in walk(root):
+    for path, node in walk(openapi(kind)):
         if in_junctor(path):
-            continue  # checked with the node that holds the junctor, below
-        special = node.get("x-kubernetes-int-or-string") or node.get(
-            "x-kubernetes-preserve-unknown-fields"
-        )
-        if "type" not in node and not special:
-            problems.append(f"{path}: no type")
-        if node.get("x-kubernetes-int-or-string"):
-            assert node["anyOf"] == int_or_string, path
+            continue  # checked with the node that holds the junctor
         for key in JUNCTORS:
             subs = node.get(key, [])
             for sub in subs if isinstance(subs, list) else [subs]:
-                if key == "anyOf" and node.get("x-kubernetes-int-or-string"):
-                    continue  # the one pattern where a junctor may carry types
-                # Inside oneOf/anyOf/allOf/not: value validations only.
-                for banned in ("type", "description", "default", "additionalProperties"):
-                    if banned in sub:
-                        problems.append(f"{path}: {banned} inside {key}")
-                # ... and only on fields the node itself declares.
                 for name in [*sub.get("required", []), *sub.get("properties", {})]:
                     if name not in node.get("properties", {}):
                         problems.append(f"{path}: {key} names undeclared {name!r}")
@@ -320,12 +311,8 @@ def test_schema_is_structural(kind):
         open_object = "properties" not in node and "additionalProperties" not in node
         if node.get("type") == "object" and path != ".metadata" and open_object:
             problems.append(f"{path}: an object with no fields (would keep nothing)")
-        if node.get("x-kubernetes-list-type") == "map":
-            keys = node["x-kubernetes-list-map-keys"]
-            assert set(keys) <= set(node["items"]["required"]), path
     assert not problems, "\n".join(problems)
-    # metadata: the API server allows no schema for it beyond name / generateName.
-    assert set(root["properties"]["metadata"]) == {"type", "description"}
+    assert openapi(kind)["properties"]["metadata"] == {"type": "object"}
 
 
 def _jsonschemaprops_keys() -> set[str]:
@@ -359,29 +346,11 @@ def test_every_field_is_described(kind):
         path
         for path, node in walk(openapi(kind))
         if not in_junctor(path)
+        and path != ".metadata"  # the server allows no description there
         and not path.endswith("]")  # items / map values: described by their field
         and not node.get("description", "").strip()
     ]
     assert not missing
-
-
-@pytest.mark.parametrize("kind", sorted(KINDS))
-def test_every_default_is_valid_for_its_field(kind):
-    # The API server refuses a CRD whose defaults do not validate.
-    for path, node in walk(openapi(kind)):
-        if "default" in node:
-            assert not in_junctor(path)
-            jsonschema.Draft202012Validator(to_jsonschema(node)).validate(node["default"])
-
-
-@pytest.mark.parametrize("kind", sorted(KINDS))
-def test_cel_rules_name_existing_fields(kind):
-    rules = [(p, n) for p, n in walk(openapi(kind)) if "x-kubernetes-validations" in n]
-    for path, node in rules:
-        for rule in node["x-kubernetes-validations"]:
-            assert rule["message"] and "\n" not in rule["rule"]
-            for name in re.findall(r"self\.(\w+)", rule["rule"]):
-                assert name in node["properties"], f"{path}: {rule['rule']}"
 
 
 def test_the_conditions_have_the_metav1_condition_shape():
@@ -546,8 +515,17 @@ RUNSPEC_CASES = [
     ({"validation": "all"}, False, False),
     ({"seed": -7}, True, True),
     ({"membersPerRound": 3, "minMembers": 2}, True, True),
-    # Beyond the schema: the engine only (the CEL rule on spec covers the first on a cluster).
-    ({"membersPerRound": 2, "minMembers": 3}, True, False),
+    # A CEL rule on spec (x-kubernetes-validations), and the engine.
+    ({"membersPerRound": 2, "minMembers": 3}, False, False),
+    ({"membersPerRound": 0, "minMembers": 3}, True, True),
+    # int32 fields: the server does not enforce format: int32, so each has a maximum.
+    ({"rounds": 2147483647}, True, True),
+    ({"rounds": 2147483648}, False, True),
+    ({"membersPerRound": 4294967296}, False, True),
+    ({"rounds": 2**64}, False, True),  # beyond int64: a float to the server, not an integer
+    ({"aggregatorParams": {"p" * 64: 1.0}}, False, False),  # a CEL rule on its names
+    ({"aggregatorParams": {f"p{i}": 1.0 for i in range(17)}}, False, False),
+    # Beyond the schema: the engine only.
     ({"aggregator": "fedavg", "aggregatorParams": {"trimFraction": 0.2}}, True, False),
     ({"aggregator": "trimmedmean", "aggregatorParams": {"trimFraction": 0.7}}, True, False),
     # The engine is lenient where the CRD is strict (one spelling on a cluster).
@@ -647,9 +625,14 @@ def test_member_dataschema_fields_are_exactly_dataschema():
     for name, default in DataSchema().to_dict().items():
         assert props[name]["default"] == default, name
         assert props[name]["type"] == PYTHON_TO_OPENAPI.get(type(default), "array")
+    # The float32 range is in CEL rules, with the engine's bound (float32's largest value).
     f32 = float(np.finfo(np.float32).max)
+    rules = " ".join(
+        r["rule"] for r in spec_props("Member")["dataSchema"]["x-kubernetes-validations"]
+    )
     for name in ("minValue", "maxValue"):
-        assert (props[name]["minimum"], props[name]["maximum"]) == (-f32, f32)
+        assert "minimum" not in props[name] and "maximum" not in props[name]
+        assert f"self.{name} >= -{f32!r} && self.{name} <= {f32!r}" in rules
 
 
 def _schema_ok(fields: dict) -> bool:
@@ -676,8 +659,13 @@ DATASCHEMA_CASES = [
     ({"delimiter": "1"}, False, False),
     ({"delimiter": '"'}, False, False),
     ({"unknown": 1}, False, False),
-    # minValue > maxValue: a CEL rule on a cluster (not evaluated here), the engine everywhere.
-    ({"minValue": 300}, True, False),
+    # CEL rules on dataSchema: minValue <= maxValue, both float32.
+    ({"minValue": 300}, False, False),
+    ({"minValue": 300, "maxValue": 300}, True, True),
+    ({"maxValue": 3.4028234663852886e38}, True, True),
+    ({"maxValue": 3.5e38}, False, False),
+    ({"numClasses": 2147483648}, False, True),
+    ({"featureShape": [1] * 9}, False, True),
 ]
 
 
@@ -764,21 +752,22 @@ _DELETE = object()
 BROKEN = [
     ("TrainingRun", ("spec", "rounds"), 0, "spec.rounds"),
     ("TrainingRun", ("spec", "aggregator"), "fedprox", "spec.aggregator"),
-    ("TrainingRun", ("spec", "alliance"), _DELETE, "'alliance' is a required property"),
-    ("TrainingRun", ("spec", "roundz"), 5, "'roundz' was unexpected"),
+    ("TrainingRun", ("spec", "alliance"), _DELETE, "spec.alliance: Required value"),
+    ("TrainingRun", ("spec", "roundz"), 5, 'unknown field "spec.roundz"'),
     ("TrainingRun", ("spec", "roundDeadlineSeconds"), 0, "spec.roundDeadlineSeconds"),
     ("TrainingRun", ("spec", "storeCleanupPolicy"), "Keep", "spec.storeCleanupPolicy"),
     ("TrainingRun", ("spec", "aggregatorParams"), {"tau": "x"}, "spec.aggregatorParams.tau"),
-    ("Member", ("spec", "alliance"), _DELETE, "'alliance' is a required property"),
+    ("Member", ("spec", "alliance"), _DELETE, "spec.alliance: Required value"),
     ("Member", ("spec", "dataVolumeClaim"), "Data_A", "spec.dataVolumeClaim"),
     ("Member", ("spec", "dataSchema", "numClasses"), 1, "spec.dataSchema.numClasses"),
     ("Member", ("spec", "dataSchema", "delimiter"), ",,", "spec.dataSchema.delimiter"),
     ("Member", ("spec", "resources", "limits", "memory"), "lots", "spec.resources.limits.memory"),
-    ("Member", ("spec", "dataDir"), "/data", "'dataDir' was unexpected"),
+    ("Member", ("spec", "dataDir"), "/data", 'unknown field "spec.dataDir"'),
+    ("Member", ("spec", "trainCommand"), "x" * 1025, "spec.trainCommand"),
     ("Alliance", ("spec", "store", "endpoint"), "alliance-minio:9000", "spec.store.endpoint"),
     ("Alliance", ("spec", "store", "endpoint"), "http://minio:9000/path", "spec.store.endpoint"),
     ("Alliance", ("spec", "store", "bucket"), "Alliance_Bucket", "spec.store.bucket"),
-    ("Alliance", ("spec", "store", "credentialsSecret"), {}, "'name' is a required property"),
+    ("Alliance", ("spec", "store", "credentialsSecret"), {}, "credentialsSecret.name: Required"),
     ("Alliance", ("spec", "model", "kerasObject"), "m.keras", "spec.model"),  # both set
     ("Alliance", ("spec", "model"), {}, "spec.model"),  # neither set
     ("Alliance", ("spec", "model", "builtin"), "resnet", "spec.model.builtin"),
@@ -833,3 +822,68 @@ def test_alliance_defaults():
     }
     assert stored["spec"]["model"] == {"builtin": "cnn"}
     assert stored["spec"]["seed"] == 0
+
+
+# --- sizes: every spec stays far below the API server's limits --------------------------------
+
+# A character costs at most 6 bytes in the JSON the API server and kubectl write (Go's encoder:
+# UTF-8 up to 4 bytes, control characters as \u00XX).
+JSON_BYTES_PER_CHAR = 6
+NUMBER_BYTES = 24
+MAP_KEY_RULE = re.compile(r"self\.all\(\w+, size\(\w+\) <= (\d+)\)")
+
+
+def worst_case_json_bytes(node: dict, path: str = "") -> int:
+    """The most bytes a value valid for ``node`` can take as JSON; unbounded fields fail."""
+    if "enum" in node:
+        return max(len(json.dumps(e)) for e in node["enum"])
+    kind = "string" if node.get("x-kubernetes-int-or-string") else node.get("type")
+    if kind == "string":
+        assert "maxLength" in node, f"{path}: a string with no maxLength"
+        return 2 + JSON_BYTES_PER_CHAR * node["maxLength"]
+    if kind in ("integer", "number", "boolean"):
+        return NUMBER_BYTES
+    if kind == "array":
+        assert "maxItems" in node, f"{path}: a list with no maxItems"
+        return 2 + node["maxItems"] * (1 + worst_case_json_bytes(node["items"], f"{path}[]"))
+    if "additionalProperties" in node:
+        assert "maxProperties" in node, f"{path}: a map with no maxProperties"
+        rules = " ".join(r["rule"] for r in node.get("x-kubernetes-validations", []))
+        key_rule = MAP_KEY_RULE.search(rules)
+        assert key_rule, f"{path}: a map with no rule bounding its keys' length"
+        key = 2 + JSON_BYTES_PER_CHAR * int(key_rule.group(1))
+        value = worst_case_json_bytes(node["additionalProperties"], f"{path}{{}}")
+        return 2 + node["maxProperties"] * (key + 2 + value)
+    return 2 + sum(
+        len(json.dumps(name)) + 2 + worst_case_json_bytes(sub, f"{path}.{name}")
+        for name, sub in node.get("properties", {}).items()
+    )
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_every_spec_field_is_bounded_far_below_the_annotation_limit(kind):
+    # kubectl's last-applied-configuration annotation holds the whole spec, and all annotations
+    # together may hold 256 KiB; etcd stores ~1.5 MiB per object. An unbounded string made a
+    # Member that could never be deleted once kopf copied it into an annotation.
+    spec = openapi(kind)["properties"]["spec"]
+    assert worst_case_json_bytes(spec, ".spec") < 64 * 2**10
+
+
+def test_a_spec_at_every_bound_is_admitted_and_fits():
+    member = example("member.yaml", "Member")
+    spec = member["spec"]
+    spec.update(trainCommand="\u00e9" * 1024, validateCommand="x" * 1024, image="i" * 1024)
+    spec["dataSchema"]["labelColumn"] = "l" * 256
+    spec["resources"] = {
+        "limits": {f"{i}".rjust(128, "r"): "1" * 64 for i in range(8)},
+        "requests": {f"{i}".rjust(128, "r"): "1" for i in range(8)},
+    }
+    stored, errors = admit("Member", member)
+    assert not errors
+    assert len(json.dumps(stored["spec"], ensure_ascii=False).encode()) < 64 * 2**10
+    spec["trainCommand"] += "x"
+    spec["resources"]["limits"]["r" * 129] = "1"
+    _, errors = admit("Member", member)
+    assert any("spec.trainCommand" in e and "at most 1024 chars" in e for e in errors), errors
+    assert any("spec.resources.limits" in e and "at most 8 properties" in e for e in errors)
+    assert any("a resource name has at most 128 characters" in e for e in errors), errors

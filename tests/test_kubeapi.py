@@ -454,6 +454,84 @@ def test_crd_defaults_pruning_and_validation(server, custom, crds, ns):
     assert status == 201 and "unknown field" in headers["Warning"]
 
 
+def test_cel_rules_int64_and_int32_bounds_as_a_real_server(custom, crds, ns):
+    """What a v1.32 API server refused and this one accepted before: CEL rules on create and
+    update, integers beyond int64, int32 fields past their maximum."""
+
+    def refused(call, *args) -> str:
+        with pytest.raises(ApiException) as err:
+            call(GROUP, VERSION, ns, *args)
+        assert err.value.status == 422, err.value.body
+        return status_of(err.value)["message"]
+
+    run = copy.deepcopy(example("trainingrun.yaml", "TrainingRun"))
+    run["spec"].update(membersPerRound=2, minMembers=3)
+    message = refused(custom.create_namespaced_custom_object, "trainingruns", run)
+    assert 'spec: Invalid value: "object": spec.minMembers must not be more than' in message
+    run["spec"].update(membersPerRound=3)
+    custom.create_namespaced_custom_object(GROUP, VERSION, ns, "trainingruns", run)
+    name = run["metadata"]["name"]
+    patch = {"spec": {"membersPerRound": 1}}
+    message = refused(custom.patch_namespaced_custom_object, "trainingruns", name, patch)
+    assert "spec.minMembers must not be more than spec.membersPerRound" in message
+    patch = {"spec": {"rounds": 2147483648}}
+    message = refused(custom.patch_namespaced_custom_object, "trainingruns", name, patch)
+    assert "spec.rounds: Invalid value: 2147483648: spec.rounds in body should be less" in message
+    patch = {"spec": {"rounds": 2**64}}
+    message = refused(custom.patch_namespaced_custom_object, "trainingruns", name, patch)
+    assert 'spec.rounds in body must be of type integer: "number"' in message
+    member = copy.deepcopy(example("member.yaml", "Member"))
+    member["spec"]["dataSchema"] = {"minValue": 256}
+    message = refused(custom.create_namespaced_custom_object, "members", member)
+    assert "dataSchema.minValue must not be greater than dataSchema.maxValue" in message
+    member["spec"]["dataSchema"] = {"minValue": -1, "maxValue": 1}  # integers in number fields
+    custom.create_namespaced_custom_object(GROUP, VERSION, ns, "members", member)
+
+
+def test_crds_the_real_server_refuses_are_refused(client, kubectl):
+    ext = kubernetes.client.ApiextensionsV1Api(client)
+    crd = load_yaml(ROOT / "crds" / "alliance.dev_members.yaml")[0]
+    crd["metadata"]["name"] = "members.refused.dev"
+    crd["spec"]["group"] = "refused.dev"
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    schema["properties"]["metadata"]["description"] = "Standard object metadata."
+    data_schema = schema["properties"]["spec"]["properties"]["dataSchema"]["properties"]
+    data_schema["maxValue"]["maximum"] = 3.4028234663852886e38
+    with pytest.raises(ApiException) as err:
+        ext.create_custom_resource_definition(crd)
+    message = status_of(err.value)["message"]
+    assert err.value.status == 422
+    assert (
+        "spec.validation.openAPIV3Schema.properties[metadata]: Forbidden: must not specify "
+        "anything other than name and generateName, but metadata is implicitly specified"
+    ) in message
+    assert (
+        "properties[maxValue].default: Invalid value: 255: in body should be less than or "
+        "equal to -9223372036854775808"
+    ) in message
+    # kubectl shows the same, and the CRDs this project ships are accepted.
+    result = kubectl("apply", "-f", "-", stdin=json.dumps(crd), check=False)
+    assert result.returncode != 0 and "must not specify anything other than name" in result.stderr
+    assert kubectl("apply", "--dry-run=server", "-f", str(ROOT / "crds")).returncode == 0
+
+
+def test_size_limits_as_a_real_server(server, core, ns):
+    def post_config_map(data: dict, annotations: dict | None = None):
+        body = {"metadata": {"name": f"cm-{uuid.uuid4().hex[:6]}", "annotations": annotations}}
+        return http(server, "POST", f"/api/v1/namespaces/{ns}/configmaps", {**body, "data": data})
+
+    status, _, body = post_config_map({"k": "x" * (3 * 2**20)})
+    assert (status, body["reason"]) == (413, "RequestEntityTooLarge")
+    assert body["message"] == "Request entity too large: limit is 3145728"
+    status, _, body = post_config_map({"k": "x" * (2 * 2**20)})  # fits the request, not etcd
+    assert (status, body["message"]) == (500, "etcdserver: request is too large")
+    status, _, body = post_config_map({}, {"a": "x" * (256 * 2**10)})
+    assert (status, body["reason"]) == (422, "Invalid")
+    assert "metadata.annotations: Too long: may not be more than 262144 bytes" in body["message"]
+    status, _, _ = post_config_map({"k": "x" * 2**20}, {"a": "x" * (256 * 2**10 - 1)})
+    assert status == 201
+
+
 def test_finalizers(custom, crds, ns):
     member = copy.deepcopy(example("member.yaml", "Member"))
     member["metadata"]["finalizers"] = ["test/finalizer"]

@@ -7,6 +7,7 @@ No cluster, no store, no network: the pods are checked against the real Kubernet
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -35,7 +36,7 @@ from alliance import cli
 from alliance import store as store_keys
 from alliance.data import DataSchema
 from alliance.engine import RunSpec, SpecError
-from tests.test_crds import KUBERNETES_VERSION, admit
+from tests.test_crds import KUBERNETES_VERSION, admit, example
 
 IMAGE = "alliance-member:test"
 
@@ -1012,3 +1013,37 @@ def test_changed_is_the_merge_patch_from_old_to_new():
     assert changed(old, dict(old)) == {}
     assert changed({}, {}) == {}
     assert changed({"a": 1}, {"a": None}) == {"a": None}  # null in a merge patch: delete
+
+
+# --- kopf's diff-base annotation --------------------------------------------------------------
+
+
+def test_kopf_keeps_a_digest_not_a_copy_of_what_the_author_wrote(monkeypatch):
+    """A copy of the spec and annotations in kopf's annotation could pass the API's 256 KiB
+    for all annotations together; then no patch of the object succeeded, and its finalizer was
+    never removed."""
+    import kopf
+    from alliance_operator import main
+    from alliance_operator.diffbase import DigestDiffBaseStorage
+
+    monkeypatch.setattr(main.k8s, "login", lambda: None)
+    monkeypatch.setattr(main, "CONFIG", dataclasses.replace(main.CONFIG, metrics_port=0))
+    settings = kopf.OperatorSettings()
+    main.configure(settings=settings)
+    storage = settings.persistence.diffbase_storage
+    assert isinstance(storage, DigestDiffBaseStorage)
+
+    member = copy.deepcopy(example("member.yaml", "Member"))
+    member["metadata"]["annotations"] = {"notes": "x" * (250 * 2**10)}
+    member["spec"]["trainCommand"] = "t" * 1024
+    patch = kopf.Patch()
+    storage.store(
+        body=kopf.Body(member), patch=patch, essence=storage.build(body=kopf.Body(member))
+    )
+    written = patch["metadata"]["annotations"]
+    assert sum(len(k) + len(v) for k, v in written.items()) < 200
+    member["metadata"]["annotations"].update(written)
+    seen = kopf.Body(copy.deepcopy(member))
+    assert storage.fetch(body=seen) == storage.build(body=seen)  # nothing changed
+    member["spec"]["trainCommand"] = "u"
+    assert storage.fetch(body=seen) != storage.build(body=kopf.Body(member))  # a change

@@ -23,6 +23,7 @@ from alliance_operator.constants import (
     TRAININGRUNS,
     VERSION,
 )
+from alliance_operator.diffbase import DigestDiffBaseStorage
 from alliance_operator.handlers import alliance, member, trainingrun
 from alliance_operator.handlers.common import Context
 
@@ -36,9 +37,7 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
         prefix=ANNOTATION_PREFIX
     )
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
-    )
+    settings.persistence.diffbase_storage = DigestDiffBaseStorage()
     settings.posting.level = logging.INFO
     # Restart a watch that went silent (a proxy dropped it) well before anyone notices.
     settings.watching.server_timeout = 300

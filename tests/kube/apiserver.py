@@ -50,9 +50,13 @@ Not faithful (on purpose, or not worth it for tests):
 * Pods are deleted at once, not gracefully. An object kept by finalizers gets
   ``deletionGracePeriodSeconds: 0``, as non-graceful kinds do.
 * Built-in objects are neither validated nor pruned (no schemas): names are checked, and a few
-  defaults applied (Pod specs and templates, Service, Secret ``stringData``, Namespace). CRD
-  schemas are checked for type, required, enum, bounds, lengths, pattern, items, properties and
-  oneOf/anyOf/allOf/not, but not ``format`` or CEL ``x-kubernetes-validations``; no ratcheting.
+  defaults applied (Pod specs and templates, Service, Secret ``stringData``, Namespace). CRDs and
+  custom resources go through crdschema.py: a CRD's schema must be one the real server accepts
+  (structural, metadata untouched, valid defaults, CEL rules that compile); resources are
+  pruned, defaulted, validated (type, required, enum, bounds with int64 semantics, lengths,
+  pattern, items, properties, junctors) and checked by their CEL rules; not ``format``; no
+  ratcheting. The size limits are the real ones: 3 MiB per request (413), 256 KiB of annotations
+  per object (422), ~1.5 MiB per stored object (500, as etcd's refusal).
 * A CRD's status (Established...) is set in the same write, not a moment later. CRD versions
   convert by rewriting apiVersion only (strategy None). Core and events.k8s.io Events are
   stored apart. No scale subresource, no server-side apply (415), no managedFields, no
@@ -98,6 +102,8 @@ import yaml
 from aiohttp import web
 from multidict import CIMultiDict
 
+from tests.kube.crdschema import admit, check_schema, decode_numbers, has_type, json_equal
+
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
 
@@ -114,6 +120,12 @@ VERSION_INFO = {
 }
 EVENT_LOG_SIZE = 100_000  # changes kept for watches that resume; older ones get 410 Gone
 BOOKMARK_SECONDS = 5.0  # an idle watch with allowWatchBookmarks=true gets a BOOKMARK this often
+# The size limits a real server has: the request body (kube-apiserver's MaxRequestBodyBytes),
+# an object's annotations together (keys and values), and what etcd stores (its default
+# --max-request-bytes; the apiserver answers etcd's refusal with a 500).
+MAX_REQUEST_BYTES = 3 * 2**20
+MAX_ANNOTATION_BYTES = 256 * 2**10
+MAX_STORED_BYTES = 3 * 2**19
 UNDELETABLE_NAMESPACES = ("default", "kube-system", "kube-public")
 CRD_FINALIZER = "customresourcecleanup.apiextensions.k8s.io"
 NS_KEY, POD_KEY, SA_KEY = ("", "namespaces"), ("", "pods"), ("", "serviceaccounts")
@@ -364,17 +376,6 @@ def dig(obj: Any, *path: str | int, default: Any = None) -> Any:
 def parse_bool(value: str | None) -> bool:
     """Go's strconv.ParseBool, as the server reads ?watch= and friends."""
     return (value or "").strip() in ("1", "t", "T", "true", "TRUE", "True")
-
-
-def json_equal(a: Any, b: Any) -> bool:
-    """Equality as JSON sees it: true is not 1."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return type(a) is type(b) and a == b
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(json_equal(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(map(json_equal, a, b))
-    return a == b
 
 
 # --------------------------------------------------------------------------------------------
@@ -634,144 +635,6 @@ def field_selector(rt: ResourceType, text: str) -> Callable[[Obj], bool]:
 
 
 # --------------------------------------------------------------------------------------------
-# CRD structural schemas: pruning, defaulting, validation (the real server's order).
-# --------------------------------------------------------------------------------------------
-
-
-def prune(value: Any, schema: Obj, path: str, unknown: list[str], root: bool = False) -> None:
-    """Drop, in place, the fields the schema does not declare (listing them in ``unknown``), and
-    nulls of fields that are not nullable."""
-    if isinstance(value, dict):
-        props, extra = schema.get("properties") or {}, schema.get("additionalProperties")
-        keep = schema.get("x-kubernetes-preserve-unknown-fields") is True or extra is True
-        embedded = root or schema.get("x-kubernetes-embedded-resource") is True
-        for key in list(value):
-            sub_path = f"{path}.{key}"
-            sub = props.get(key, extra if isinstance(extra, dict) else None)
-            if embedded and key in ("apiVersion", "kind", "metadata"):
-                continue
-            if sub is None and not keep:
-                del value[key]
-                unknown.append(sub_path.lstrip("."))
-            elif sub is not None and value[key] is None and not sub.get("nullable"):
-                del value[key]
-            elif sub is not None:
-                prune(value[key], sub, sub_path, unknown)
-    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
-        for i, item in enumerate(value):
-            prune(item, schema["items"], f"{path}[{i}]", unknown)
-
-
-def apply_defaults(value: Any, schema: Obj) -> None:
-    """Fill in the schema's ``default``s, in place; a default gets its own defaults too."""
-    if isinstance(value, dict):
-        props, extra = schema.get("properties") or {}, schema.get("additionalProperties")
-        for key, sub in props.items():
-            if key not in value and "default" in sub:
-                value[key] = copy.deepcopy(sub["default"])
-            if key in value:
-                apply_defaults(value[key], sub)
-        for key in value.keys() - props.keys() if isinstance(extra, dict) else ():
-            apply_defaults(value[key], extra)
-    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
-        for item in value:
-            apply_defaults(item, schema["items"])
-
-
-def _shown(value: Any) -> str:
-    """A value as the server's field errors show it."""
-    if isinstance(value, dict | list):
-        return '"object"' if isinstance(value, dict) else '"array"'
-    return json.dumps(value)
-
-
-def _has_type(value: Any, expected: str) -> bool:
-    if expected in ("integer", "number") and isinstance(value, bool):
-        return False
-    if expected == "integer":
-        return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-    kinds = {"object": dict, "array": list, "string": str, "boolean": bool, "number": int | float}
-    return expected not in kinds or isinstance(value, kinds[expected])
-
-
-@functools.lru_cache(maxsize=512)
-def _pattern(pattern: str) -> re.Pattern:
-    return re.compile(pattern)
-
-
-def validate(value: Any, schema: Obj, path: str, causes: list) -> None:
-    """Check a value against the OpenAPI v3 subset CRDs use; append (field, reason, detail)."""
-    field = path or "<root>"
-
-    def fail(detail: str, shown: str | None = None) -> None:
-        reason = "FieldValueTypeInvalid" if shown else "FieldValueInvalid"
-        causes.append((field, reason, f"Invalid value: {shown or _shown(value)}: {detail}"))
-
-    expected = schema.get("type")
-    if value is None:
-        if expected and not schema.get("nullable"):
-            fail(f'{field} in body must be of type {expected}: "null"', shown='"null"')
-        return
-    if schema.get("x-kubernetes-int-or-string") and isinstance(value, int | str):
-        expected = None
-    if expected and not _has_type(value, expected):
-        got = {dict: "object", list: "array", str: "string", bool: "boolean"}.get(type(value))
-        got = got or "number"
-        fail(f'{field} in body must be of type {expected}: "{got}"', shown=f'"{got}"')
-        return
-    if "enum" in schema and not any(json_equal(value, e) for e in schema["enum"]):
-        supported = ", ".join(json.dumps(e) for e in schema["enum"])
-        detail = f"Unsupported value: {_shown(value)}: supported values: {supported}"
-        causes.append((field, "FieldValueNotSupported", detail))
-    if _has_type(value, "number"):
-        low, high = schema.get("minimum"), schema.get("maximum")
-        strict_low, strict_high = schema.get("exclusiveMinimum"), schema.get("exclusiveMaximum")
-        if low is not None and (value <= low if strict_low else value < low):
-            fail(f"{field} in body should be greater than {'or equal to ' * (not strict_low)}{low}")
-        if high is not None and (value >= high if strict_high else value > high):
-            fail(f"{field} in body should be less than {'or equal to ' * (not strict_high)}{high}")
-    if isinstance(value, str):
-        if len(value) < schema.get("minLength", 0):
-            fail(f"{field} in body should be at least {schema['minLength']} chars long")
-        if "maxLength" in schema and len(value) > schema["maxLength"]:
-            fail(f"{field} in body should be at most {schema['maxLength']} chars long")
-        if "pattern" in schema and not _pattern(schema["pattern"]).search(value):
-            fail(f"{field} in body should match '{schema['pattern']}'")
-    if isinstance(value, list):
-        if len(value) < schema.get("minItems", 0):
-            fail(f"{field} in body should have at least {schema['minItems']} items")
-        if "maxItems" in schema and len(value) > schema["maxItems"]:
-            fail(f"{field} in body should have at most {schema['maxItems']} items")
-        for i, item in enumerate(value if isinstance(schema.get("items"), dict) else ()):
-            validate(item, schema["items"], f"{path}[{i}]", causes)
-    if isinstance(value, dict):
-        for name in schema.get("required") or []:
-            if name not in value:
-                causes.append(
-                    (f"{path}.{name}".lstrip("."), "FieldValueRequired", "Required value")
-                )
-        props, extra = schema.get("properties") or {}, schema.get("additionalProperties")
-        for key, item in value.items():
-            sub = props.get(key, extra if isinstance(extra, dict) else None)
-            if sub is not None and (path or key != "metadata"):  # metadata is checked apart
-                validate(item, sub, f"{path}.{key}".lstrip("."), causes)
-
-    def passes(sub: Obj) -> bool:
-        errors: list = []
-        validate(value, sub, path, errors)
-        return not errors
-
-    for sub in schema.get("allOf") or []:
-        validate(value, sub, path, causes)
-    if schema.get("oneOf") and sum(map(passes, schema["oneOf"])) != 1:
-        fail(f"{field} in body must validate one and only one schema (oneOf)")
-    if schema.get("anyOf") and not any(map(passes, schema["anyOf"])):
-        fail(f"{field} in body must validate at least one schema (anyOf)")
-    if isinstance(schema.get("not"), dict) and passes(schema["not"]):
-        fail(f"{field} in body must not validate the schema (not)")
-
-
-# --------------------------------------------------------------------------------------------
 # JSONPath, the part printer columns use: .a.b, .a\.b, ['a'], [0], [*], .*, [?(@.x=="y")].
 # --------------------------------------------------------------------------------------------
 
@@ -928,7 +791,7 @@ def printer_cell(obj: Obj, column: Obj) -> Any:
     """A cell of a CRD's additionalPrinterColumn, typed as the real server types it."""
     found = jsonpath(obj, column.get("jsonPath", ""))
     value, kind = (found[0] if found else None), column.get("type")
-    number = _has_type(value, "number")
+    number = has_type(value, "number")
     if value is None:
         return None
     if kind == "date":
@@ -936,7 +799,7 @@ def printer_cell(obj: Obj, column: Obj) -> Any:
     if kind == "integer":
         return int(value) if number else None
     if kind in ("number", "boolean"):
-        return value if _has_type(value, kind) else None
+        return value if has_type(value, kind) else None
     if isinstance(value, bool):
         return str(value).lower()
     return value if isinstance(value, str) else str(value) if number else json.dumps(value)
@@ -1310,7 +1173,7 @@ class Store:
             raise bad_request(
                 f"the kind in the data ({kind}) does not match the expected kind ({rt.kind})"
             )
-        obj = copy.deepcopy(body)
+        obj = decode_numbers(body)  # a copy, with integers beyond int64 as floats
         obj.setdefault("metadata", {})
         return {**obj, "apiVersion": rt.api_version, "kind": rt.kind}
 
@@ -1527,14 +1390,21 @@ class Store:
         for key in ("finalizers", "labels", "annotations", "ownerReferences"):
             if key in meta and not meta[key]:  # the real server leaves them out when empty
                 del meta[key]
+        annotations = meta.get("annotations") or {}
+        if sum(len(k) + len(str(v)) for k, v in annotations.items()) > MAX_ANNOTATION_BYTES:
+            detail = f"Too long: may not be more than {MAX_ANNOTATION_BYTES} bytes"
+            raise rt.invalid(
+                meta.get("name", ""), ("metadata.annotations", "FieldValueTooLong", detail)
+            )
+        if not opts.dry_run and len(json.dumps(obj, separators=(",", ":"))) > MAX_STORED_BYTES:
+            raise ApiError(500, "InternalError", "etcdserver: request is too large")
 
     def _next_ip(self) -> str:
         n = next(self._ips)
         return f"10.96.{n // 250}.{n % 250 + 1}"
 
     def _admit_custom(self, rt: ResourceType, obj: Obj, opts: WriteOptions) -> None:
-        unknown: list[str] = []
-        prune(obj, rt.schema or {}, "", unknown, root=True)
+        causes, unknown = admit(obj, rt.schema or {})
         if unknown and opts.strict:
             fields = ", ".join(f'unknown field "{f}"' for f in unknown)
             raise bad_request(
@@ -1542,9 +1412,6 @@ class Store:
                 f"{rt.kind}: strict decoding error: {fields}"
             )
         opts.warnings += [f'unknown field "{f}"' for f in unknown]
-        apply_defaults(obj, rt.schema or {})
-        causes: list = []
-        validate(obj, rt.schema or {}, "", causes)
         if causes:
             raise rt.invalid(obj["metadata"]["name"], *causes)
 
@@ -1594,6 +1461,14 @@ class Store:
             for i, v in enumerate(versions)
             if not dig(v, "schema", "openAPIV3Schema")
         ]
+        for i, v in enumerate(versions):  # structural, valid defaults, CEL rules that compile
+            schema = dig(v, "schema", "openAPIV3Schema")
+            field = (
+                "spec.validation.openAPIV3Schema"
+                if len(versions) == 1
+                else (f"spec.versions[{i}].schema.openAPIV3Schema")
+            )
+            causes += check_schema(schema, field) if schema else []
         causes += [
             (
                 f"spec.{f}",
@@ -2162,6 +2037,12 @@ class Api:
 
     async def body(self, request: web.Request) -> Any:
         raw = await request.read()
+        if len(raw) > MAX_REQUEST_BYTES:
+            raise ApiError(
+                413,
+                "RequestEntityTooLarge",
+                f"Request entity too large: limit is {MAX_REQUEST_BYTES}",
+            )
         if request.content_type == "application/vnd.kubernetes.protobuf":
             return decode_protobuf(raw)
         try:
