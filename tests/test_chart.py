@@ -7,11 +7,15 @@ schemas, offline); the kinds that tool has no schema for by their own rules (the
 its CRD's schema, the Prometheus Operator's ServiceMonitor/PodMonitor field by field). Then the
 default rendering is applied to the test API server (tests/kube/apiserver.py) and the operator
 is started as a local process with the rendered Deployment's command, arguments and environment:
-it must answer its liveness probe and reconcile the chart's Alliance.
+it must answer its liveness probe and reconcile the chart's Alliance. Last, the chart is
+installed for real (``helm install``, ``helm test``, ``helm uninstall``) with the kubelet stand-in
+(tests/kube/kubelet.py) running the operator's pod, the test pod and the pre-delete hook as local
+processes: what stays after the uninstall is exactly what docs/operations.md says stays.
 
 Not checked here: that MinIO starts with these settings (no container runtime), that the
 Prometheus Operator accepts the monitors (its CRDs are not available offline), RBAC enforcement
-(the test API server authorizes everything) and NetworkPolicy enforcement (no CNI).
+(the test API server authorizes everything), the pods' in-cluster login (the stand-in mounts no
+service-account token: they use KUBECONFIG) and NetworkPolicy enforcement (no CNI).
 """
 
 from __future__ import annotations
@@ -132,6 +136,10 @@ SCENARIOS: dict[str, dict] = {
     },
 }
 
+TEST_POD = f"{RELEASE}-test"  # helm test
+HOOK = f"{RELEASE}-uninstall"  # the pre-delete hook: Pod, ServiceAccount, Role, RoleBinding
+API_CLIENT_PODS = {f"Deployment/{RELEASE}-operator", f"Pod/{HOOK}"}
+
 ALLIANCE_RESOURCES = ("alliances", "members", "trainingruns")
 OPERATOR_RULES = {  # (apiGroup, resource) -> verbs: exactly what the operator and kopf call
     ("", "pods"): {"get", "list", "create", "delete"},
@@ -209,6 +217,11 @@ def one(objs: list[dict], kind: str, name: str | None = None) -> dict:
     found = find(objs, kind, name)
     assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
     return found[0]
+
+
+def not_hooks(objs: list[dict]) -> list[dict]:
+    """What ``helm install`` applies; hooks run apart (``helm test``, ``helm uninstall``)."""
+    return [o for o in objs if "helm.sh/hook" not in (o["metadata"].get("annotations") or {})]
 
 
 def pod_specs(objs: list[dict]) -> list[tuple[str, dict, dict]]:
@@ -296,6 +309,7 @@ def test_helm_lint_strict(scenario, tmp_path):
         ({"alliance": {"bucket": "No"}}, "alliance.bucket"),
         ({"minio": {"persistence": {"size": "lots"}}}, "minio.persistence.size"),
         ({"networkPolicy": {"enabled": "yes"}}, "networkPolicy.enabled"),  # a type
+        ({"uninstallHook": {"timeoutSeconds": 0}}, "uninstallHook.timeoutSeconds"),
         ({"operator": {"replicas": 2}}, "replicas"),  # unknown keys, at every level
         ({"minio": {"auth": {"rootPassword": "hunter2"}}}, "rootPassword"),  # never a password
         ({"operator": {"resources": {"limit": {"cpu": 1}}}}, "limit"),
@@ -526,7 +540,7 @@ def test_custom_images_and_resources(rendered):
         "aggregatorParams": {"serverLearningRate": 0.01, "tau": 0.001, "beta1": 0.9},
         "roundDeadlineSeconds": 90.5,
     }
-    (tc,) = one(objs, "Pod")["spec"]["containers"]
+    (tc,) = one(objs, "Pod", TEST_POD)["spec"]["containers"]
     assert tc["image"] == "example/alliance-member:1.2.3-gpu"
     # Maps merge with the chart's defaults (Helm): the requests stay.
     assert tc["resources"]["limits"] == values["tests"]["resources"]["limits"]
@@ -569,7 +583,7 @@ def test_operator_deployment(rendered):
     pod = deploy["spec"]["template"]
     assert selector_matches(deploy["spec"]["selector"], pod["metadata"]["labels"])
     spec = pod["spec"]
-    assert spec["serviceAccountName"] == one(objs, "ServiceAccount")["metadata"]["name"]
+    assert one(objs, "ServiceAccount", spec["serviceAccountName"])  # the operator's own
     (c,) = spec["containers"]
     assert c["command"] == ["alliance-operator"]
     assert c["args"][:3] == ["--all-namespaces", "--liveness", "http://0.0.0.0:8080/healthz"]
@@ -592,7 +606,7 @@ def test_operator_deployment(rendered):
 
 
 def test_rbac_cluster_wide_by_default(rendered):
-    _, objs = rendered["defaults"]
+    objs = not_hooks(rendered["defaults"][1])
     assert not find(objs, "Role") and not find(objs, "RoleBinding")
     role = one(objs, "ClusterRole")
     assert rules_of(role) == {**OPERATOR_RULES, **SCANNING_CRDS}
@@ -608,7 +622,7 @@ def test_rbac_cluster_wide_by_default(rendered):
 
 
 def test_rbac_per_watched_namespace(rendered):
-    _, objs = rendered["watched-namespaces"]
+    objs = not_hooks(rendered["watched-namespaces"][1])
     watched = SCENARIOS["watched-namespaces"]["operator"]["watchNamespaces"]
     roles = find(objs, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(watched)
@@ -630,7 +644,7 @@ def test_rbac_per_watched_namespace(rendered):
 
 def test_rbac_without_cluster_scanning(tmp_path):
     values = {"operator": {"watchNamespaces": [NAMESPACE]}, "rbac": {"clusterScanning": False}}
-    objs = docs(template(values_file(tmp_path, "noscan", values)).stdout)
+    objs = not_hooks(docs(template(values_file(tmp_path, "noscan", values)).stdout))
     assert not find(objs, "ClusterRole") and not find(objs, "ClusterRoleBinding")
     assert rules_of(one(objs, "Role")) == OPERATOR_RULES
 
@@ -639,18 +653,29 @@ API_VERBS = {"read": "get", "get": "get", "list": "list", "create": "create", "d
              "patch": "patch", "replace": "update"}  # fmt: skip
 
 
+OPERATOR_PACKAGE = ROOT / "operator" / "alliance_operator"
+UNINSTALL_MODULE = OPERATOR_PACKAGE / "uninstall.py"  # the pre-delete hook, with its own Role
+
+
+def api_calls(text: str) -> set[tuple[str, str]]:
+    """(verb, kind) of each call of the kubernetes client in the code (kind: pod, custom_object)."""
+    found = re.findall(
+        r"\.(read|get|list|create|delete|patch|replace)_namespaced_([a-z_]+?)\(", text
+    )
+    return {(API_VERBS[verb], kind) for verb, kind in found}
+
+
 def test_rbac_grants_every_api_call_of_the_operator():
     """Each call of the kubernetes client in the operator's code has its rule (and the rules
     grant nothing the code and kopf do not use: OPERATOR_RULES is exact, see above)."""
     calls = set()
-    for path in (ROOT / "operator" / "alliance_operator").rglob("*.py"):
-        text = path.read_text()
-        for verb, kind in re.findall(
-            r"\.(read|get|list|create|delete|patch|replace)_namespaced_([a-z_]+?)\(", text
-        ):
+    for path in OPERATOR_PACKAGE.rglob("*.py"):
+        if path == UNINSTALL_MODULE:
+            continue
+        for verb, kind in api_calls(path.read_text()):
             resources = ALLIANCE_RESOURCES if kind == "custom_object" else (f"{kind}s",)
             group = "alliance.dev" if kind == "custom_object" else ""
-            calls |= {(group, r, API_VERBS[verb]) for r in resources}
+            calls |= {(group, r, verb) for r in resources}
     assert calls, "no API calls found: has k8s.py moved?"
     for group, resource, verb in sorted(calls):
         assert verb in OPERATOR_RULES.get((group, resource), set()), (
@@ -681,7 +706,10 @@ def test_every_pod_is_hardened(scenario, rendered):
         assert sc["runAsNonRoot"] is True, where
         assert sc["runAsUser"] > 0 and sc["runAsGroup"] > 0, where
         assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, where
-        assert spec["automountServiceAccountToken"] is where.startswith("Deployment/"), where
+        # Only the pods that call the Kubernetes API get a token: their own account's.
+        assert spec["automountServiceAccountToken"] is (where in API_CLIENT_PODS), where
+        if where in API_CLIENT_PODS:
+            assert spec["serviceAccountName"] not in ("", "default"), where
         assert spec["enableServiceLinks"] is False, where
         tmp = [v["name"] for v in spec["volumes"] if "emptyDir" in v]
         assert "hostNetwork" not in spec and "hostPID" not in spec, where
@@ -776,7 +804,7 @@ def test_network_policies_restrict_members_to_the_store(rendered):
     (allowed,) = minio["ingress"]
     assert allowed["ports"] == [{"port": 9000, "protocol": "TCP"}]
     operator_labels = one(objs, "Deployment")["spec"]["template"]["metadata"]["labels"]
-    test_labels = one(objs, "Pod")["metadata"]["labels"]
+    test_labels = one(objs, "Pod", TEST_POD)["metadata"]["labels"]
     peers = allowed["from"]
     assert len(peers) == 3
     for labels in (operator_labels, test_labels, *(p["metadata"]["labels"] for p in member_pods())):
@@ -899,7 +927,7 @@ def test_notes_tell_the_next_steps(tmp_path):
 def test_helm_test_pod(rendered):
     for scenario in ("defaults", "external-s3"):
         _, objs = rendered[scenario]
-        pod = one(objs, "Pod")
+        pod = one(objs, "Pod", TEST_POD)
         assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
         (c,) = pod["spec"]["containers"]
         assert c["command"][:2] == ["python", "-c"]
@@ -910,6 +938,88 @@ def test_helm_test_pod(rendered):
         assert mode == ("minio" if scenario == "defaults" else "external")
         assert "/minio/health/live" in code
         assert pod["spec"]["restartPolicy"] == "Never"
+        # Deleted after the run whatever its outcome (and before the next one).
+        policy = pod["metadata"]["annotations"]["helm.sh/hook-delete-policy"].split(",")
+        assert set(policy) == {"before-hook-creation", "hook-succeeded", "hook-failed"}
+
+
+# --- the pre-delete hook: the chart's Alliance goes while the operator still runs -----------
+
+
+def hook_objs(objs: list[dict]) -> dict[str, dict]:
+    found = [o for o in objs if o["metadata"]["name"] == HOOK]
+    return {o["kind"]: o for o in found}
+
+
+def label_selector(text: str) -> dict:
+    """A selector of the form k=v,k=v (what the hook is given) as matchLabels."""
+    return {"matchLabels": dict(term.split("=", 1) for term in text.split(","))}
+
+
+def test_uninstall_hook(rendered):
+    _, objs = rendered["defaults"]
+    hook = hook_objs(objs)
+    assert set(hook) == {"ServiceAccount", "Role", "RoleBinding", "Pod"}
+    weight = {}
+    for kind, o in hook.items():
+        annotations = o["metadata"]["annotations"]
+        assert annotations["helm.sh/hook"] == "pre-delete", kind
+        weight[kind] = int(annotations["helm.sh/hook-weight"])
+        policy = set(annotations["helm.sh/hook-delete-policy"].split(","))
+        # Gone once it worked; a failed pod stays for its log until the next attempt.
+        assert policy == {"before-hook-creation", "hook-succeeded"}, kind
+        assert o["metadata"]["namespace"] == NAMESPACE, kind
+    # Helm creates hooks by weight: the account and its rights exist before the pod runs.
+    assert max(weight[k] for k in ("ServiceAccount", "Role", "RoleBinding")) < weight["Pod"]
+    assert hook["ServiceAccount"]["automountServiceAccountToken"] is False
+    assert hook["RoleBinding"]["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": HOOK,
+    }  # fmt: skip
+    assert hook["RoleBinding"]["subjects"] == [
+        {"kind": "ServiceAccount", "name": HOOK, "namespace": NAMESPACE}
+    ]
+    spec = hook["Pod"]["spec"]
+    assert spec["serviceAccountName"] == HOOK and spec["restartPolicy"] == "Never"
+    (c,) = spec["containers"]
+    operator = one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert c["image"] == operator["image"]  # it holds the module
+    assert c["command"] == ["python", "-m", "alliance_operator.uninstall"]
+    args = dict(zip(c["args"][::2], c["args"][1::2], strict=True))
+    assert set(args) == {"--namespace", "--release", "--selector", "--timeout"}
+    assert (args["--namespace"], args["--release"], args["--timeout"]) == (
+        NAMESPACE,
+        RELEASE,
+        "120",
+    )
+    # The selector finds the chart's Alliance (the hook then checks Helm's ownership
+    # annotations, which only a real install writes: see the test on the test API server).
+    alliance_labels = one(objs, "Alliance")["metadata"]["labels"]
+    assert selector_matches(label_selector(args["--selector"]), alliance_labels)
+    for where, labels, _ in pod_specs(objs):
+        assert not selector_matches(label_selector(args["--selector"]), labels), where
+
+
+def test_uninstall_hook_follows_the_values(tmp_path):
+    def hook(values):
+        return hook_objs(docs(template(values_file(tmp_path, "v", values)).stdout))
+
+    # No Alliance of the chart, nothing to delete: no hook.
+    assert hook({"alliance": {"create": False}}) == {}
+    # The operator's RBAC is yours to make: the hook's too (it needs list, delete on alliances).
+    assert set(hook({"rbac": {"create": False}})) == {"ServiceAccount", "Pod"}
+    pod = hook({"uninstallHook": {"timeoutSeconds": 30}, "operator": {"nodeSelector": {"a": "b"}}})
+    spec = pod["Pod"]["spec"]
+    assert spec["containers"][0]["args"][-2:] == ["--timeout", "30"]
+    assert spec["nodeSelector"] == {"a": "b"}  # where the operator's image runs
+
+
+def test_uninstall_hook_role_grants_exactly_its_api_calls(rendered):
+    text = UNINSTALL_MODULE.read_text()
+    calls = api_calls(text)
+    assert {kind for _, kind in calls} == {"custom_object"}
+    assert "ALLIANCES" in text and "MEMBERS" not in text and "TRAININGRUNS" not in text
+    role = hook_objs(rendered["defaults"][1])["Role"]
+    assert rules_of(role) == {("alliance.dev", "alliances"): {verb for verb, _ in calls}}
 
 
 # --- helm against the test API server: lookups and NOTES ------------------------------------
@@ -953,10 +1063,8 @@ def _monitoring_crd(kind: str) -> dict:
 
 
 def _dry_run_install(kubeconfig: Path, values_path: Path) -> dict:
-    """``helm install --dry-run=server``: rendered with lookups against the server, not applied.
-    (A real ``helm install`` there applies everything but cannot record the release: the test
-    API server refuses an update whose body has an empty metadata.namespace, which a real API
-    server fills in from the URL; so no ``helm upgrade`` either.)"""
+    """``helm install --dry-run=server``: rendered with lookups against the server, not applied
+    (real installs are tested at the end of this module)."""
     result = helm(
         "--kubeconfig", str(kubeconfig), "install", RELEASE, str(CHART), "--namespace", NAMESPACE,
         "-f", str(values_path), "--dry-run=server", "--disable-openapi-validation", "-o", "json",
@@ -1134,3 +1242,291 @@ def test_default_rendering_runs_the_operator_on_the_test_api_server(rendered, ku
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, 0)
             pytest.fail(f"operator process group {proc.pid} outlived the test")
+
+
+# --- the uninstall hook's module against the test API server ----------------------------------
+
+FINALIZER = "alliance.dev/finalizer"
+NO_FINALIZERS = json.dumps({"metadata": {"finalizers": None}}, separators=(",", ":"))
+
+
+def _alliance(rendered, name: str, release: str | None, finalizer: bool) -> dict:
+    """The chart's Alliance under another name; ``release``: as Helm marks the objects of that
+    release (None: a user's copy, with the chart's labels but no Helm annotations)."""
+    alliance = json.loads(json.dumps(one(rendered["defaults"][1], "Alliance")))
+    meta = alliance["metadata"]
+    meta["name"] = name
+    if release:
+        meta["annotations"] = {
+            "meta.helm.sh/release-name": release,
+            "meta.helm.sh/release-namespace": NAMESPACE,
+        }
+    if finalizer:
+        meta["finalizers"] = [FINALIZER]
+    return alliance
+
+
+def _uninstall_module(kubeconfig: Path, *args: str) -> subprocess.Popen:
+    selector = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=alliance"
+    return subprocess.Popen(
+        [sys.executable, "-m", "alliance_operator.uninstall", "--namespace", NAMESPACE,
+         "--release", RELEASE, "--selector", selector, *args],
+        env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _alliances(kubeconfig: Path) -> dict[str, dict]:
+    items = json.loads(_kubectl(kubeconfig, "get", "alliances", "-n", NAMESPACE, "-o", "json"))
+    return {o["metadata"]["name"]: o for o in items["items"]}
+
+
+def test_uninstall_module_deletes_only_the_release_alliances_and_waits_for_the_operator(
+    rendered, kubeconfig
+):
+    _kubectl(kubeconfig, "apply", "-f", str(ROOT / "crds"))
+    _kubectl(kubeconfig, "create", "namespace", NAMESPACE)
+    alliances = [
+        _alliance(rendered, "mnist", RELEASE, finalizer=True),  # the chart's, as installed
+        _alliance(rendered, "plain", RELEASE, finalizer=False),
+        _alliance(rendered, "copy", None, finalizer=True),  # a user's, with copied labels
+        _alliance(rendered, "other", "other-release", finalizer=False),
+    ]
+    _kubectl(kubeconfig, "create", "-f", "-", input=yaml.safe_dump_all(alliances))
+    proc = _uninstall_module(kubeconfig, "--timeout", "60")
+    try:
+        # It deletes, then waits while the finalizer is there (as long as the operator works).
+        _wait(lambda: _alliances(kubeconfig)["mnist"]["metadata"].get("deletionTimestamp"),
+              20, "the deletion of mnist")  # fmt: skip
+        assert "plain" not in _alliances(kubeconfig)
+        time.sleep(1.5)  # more than one poll
+        assert proc.poll() is None, proc.communicate()
+        # What the operator does once it has handled the deletion:
+        _kubectl(kubeconfig, "patch", "alliance", "mnist", "-n", NAMESPACE, "--type=merge",
+                 "-p", NO_FINALIZERS)  # fmt: skip
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert f"deleting Alliance {NAMESPACE}/mnist" in out and "gone after" in out
+    left = _alliances(kubeconfig)
+    assert set(left) == {"copy", "other"}
+    assert not any(o["metadata"].get("deletionTimestamp") for o in left.values())
+    # Nothing (left) of the release: done at once.
+    again = _uninstall_module(kubeconfig, "--timeout", "5")
+    out, err = again.communicate(timeout=30)
+    assert again.returncode == 0, err
+    assert f"no Alliance of the release {RELEASE} in {NAMESPACE}: nothing to delete" in out
+
+
+def test_uninstall_module_says_what_holds_an_alliance_when_it_times_out(rendered, kubeconfig):
+    _kubectl(kubeconfig, "apply", "-f", str(ROOT / "crds"))
+    _kubectl(kubeconfig, "create", "namespace", NAMESPACE)
+    alliance = _alliance(rendered, "mnist", RELEASE, finalizer=True)
+    _kubectl(kubeconfig, "create", "-f", "-", input=json.dumps(alliance))
+    started = time.monotonic()
+    proc = _uninstall_module(kubeconfig, "--timeout", "1")  # no operator removes the finalizer
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1, out + err
+    assert time.monotonic() - started >= 1
+    assert err.splitlines()[:2] == [
+        "FAILED: after 1 s, 1 Alliance(s) are still there:",
+        f"  Alliance {NAMESPACE}/mnist: being deleted, finalizers: {FINALIZER}",
+    ]
+    assert "Is it running?" in err
+    assert f"kubectl -n {NAMESPACE} patch alliance NAME --type=merge -p '{NO_FINALIZERS}'" in err
+    assert _alliances(kubeconfig)["mnist"]["metadata"]["deletionTimestamp"]
+
+
+# --- helm install, helm test, helm uninstall on the test API server ---------------------------
+
+OPERATOR_DEPLOYMENT = f"{RELEASE}-operator"
+#: Left in the namespace after ``helm uninstall`` on purpose (docs/operations.md, section 5):
+KEPT = {
+    "Secret/alliance-minio",  # MinIO's keys: helm.sh/resource-policy keep, like its data claim
+    "ServiceAccount/default",  # the namespace's own
+}
+#: MinIO's data claim stays too, but no StatefulSet controller runs here to create it.
+
+
+def _helm_on(kubeconfig: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return helm("--kubeconfig", str(kubeconfig), *args, "--namespace", NAMESPACE, check=check)
+
+
+def _get_json(kubeconfig: Path, *what: str) -> dict:
+    return json.loads(_kubectl(kubeconfig, "get", *what, "-n", NAMESPACE, "-o", "json"))
+
+
+def _names(kubeconfig: Path, kinds: str) -> set[str]:
+    return {o["metadata"]["name"] for o in _get_json(kubeconfig, kinds)["items"]}
+
+
+def _namespace_content(kubeconfig: Path) -> set[str]:
+    """kind/name of every object in NAMESPACE, of every kind the server serves. Events are left
+    out: they are nobody's objects, and a real server expires them (after an hour by default)."""
+    kinds = _kubectl(kubeconfig, "api-resources", "--namespaced=true", "--verbs=list", "-o", "name")
+    items = _get_json(kubeconfig, ",".join(kinds.split()))["items"]
+    return {f"{o['kind']}/{o['metadata']['name']}" for o in items if o["kind"] != "Event"}
+
+
+def _release_cluster_objects(kubeconfig: Path) -> set[str]:
+    """kind/name of the cluster-scoped objects labelled as the release's."""
+    kinds = _kubectl(
+        kubeconfig, "api-resources", "--namespaced=false", "--verbs=list", "-o", "name"
+    )
+    selector = f"app.kubernetes.io/instance={RELEASE}"
+    text = _kubectl(kubeconfig, "get", ",".join(kinds.split()), "-l", selector, "-o", "json")
+    return {f"{o['kind']}/{o['metadata']['name']}" for o in json.loads(text)["items"]}
+
+
+def _run_operator_pod(kubeconfig: Path, name: str) -> None:
+    """The operator's pod, as its Deployment would have it run: the test API server runs no
+    controllers, so the test creates the pod from the Deployment's template, owned by the
+    Deployment (a real one is owned by a ReplicaSet the Deployment owns). Deleting the Deployment
+    deletes it (garbage collection), and the kubelet stand-in then stops the process."""
+    deployment = _get_json(kubeconfig, "deployment", OPERATOR_DEPLOYMENT)
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    ports = [p["containerPort"] for p in container["ports"]]
+    busy = [port for port in ports if not _port_free(port)]
+    if busy:
+        pytest.fail(f"ports {busy} (from the Deployment) are busy on this machine: free them to "
+                    "run this test", pytrace=False)  # fmt: skip
+    owner = {
+        "apiVersion": "apps/v1", "kind": "Deployment", "name": OPERATOR_DEPLOYMENT,
+        "uid": deployment["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True,
+    }  # fmt: skip
+    template = deployment["spec"]["template"]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {**template["metadata"], "name": name, "ownerReferences": [owner]},
+        "spec": template["spec"],
+    }
+    _kubectl(kubeconfig, "create", "-n", NAMESPACE, "-f", "-", input=json.dumps(pod))
+
+
+def _operator_holds_the_alliance(kubeconfig: Path, kubelet, pod: str) -> None:
+    """Wait until the operator has put its finalizer on the chart's Alliance."""
+    _wait(
+        lambda: FINALIZER in (_alliances(kubeconfig)["mnist"]["metadata"].get("finalizers") or []),
+        60, "the operator's finalizer on the Alliance",
+        lambda: "operator log (tail):\n" + kubelet.logs(NAMESPACE, pod)[-3000:],
+    )  # fmt: skip
+
+
+def _kubelet(kubeconfig: Path, tmp_path: Path):
+    from tests.kube.kubelet import KubeletStandIn
+
+    # Service-account tokens are not mounted here: the operator and the hook, whose in-cluster
+    # login fails, find the server through KUBECONFIG (their fallback).
+    return KubeletStandIn(
+        kubeconfig, tmp_path / "kubelet", namespace=NAMESPACE, bin_dirs=[BIN],
+        extra_env={"KUBECONFIG": str(kubeconfig)},
+    )  # fmt: skip
+
+
+def test_install_test_and_uninstall_leave_only_what_is_kept(kubeconfig, tmp_path):
+    """The default rendering, installed for real; the operator runs as its Deployment's pod, and
+    the kubelet stand-in runs it, the helm test pod and the pre-delete hook as local processes."""
+    _helm_on(kubeconfig, "install", RELEASE, str(CHART), "--create-namespace")
+    operator_pod = f"{OPERATOR_DEPLOYMENT}-0"
+    user_member = {
+        "apiVersion": "alliance.dev/v1alpha1",
+        "kind": "Member",
+        "metadata": {"name": "hospital-a"},
+        "spec": {"alliance": "mnist", "dataVolumeClaim": "hospital-a-data"},
+    }
+    with _kubelet(kubeconfig, tmp_path) as kubelet:
+        _run_operator_pod(kubeconfig, operator_pod)
+        _operator_holds_the_alliance(kubeconfig, kubelet, operator_pod)
+        # A user's Member (the operator gives it its agent pod) and TrainingRun: not the chart's.
+        _kubectl(kubeconfig, "apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(user_member))
+        _kubectl(
+            kubeconfig, "apply", "-n", NAMESPACE, "-f", str(ROOT / "examples/trainingrun.yaml")
+        )
+        _wait(lambda: "hospital-a-agent" in _names(kubeconfig, "pods"), 30, "the member's pod")
+
+        # No MinIO runs here, and its in-cluster name does not resolve: the check would fail
+        # after its 30 tries (a minute). Once it has tried, it is ended as it would end: exit > 0.
+        test = subprocess.Popen(
+            [str(HELM), "--kubeconfig", str(kubeconfig), "test", RELEASE, "-n", NAMESPACE],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            kubelet.wait_for(lambda: "try 1/30" in kubelet.logs(NAMESPACE, TEST_POD), 30)
+            assert kubelet.kill_process(NAMESPACE, TEST_POD)
+            output = test.communicate(timeout=60)[0]
+        finally:
+            if test.poll() is None:
+                test.kill()
+        assert test.returncode != 0 and f"pod {TEST_POD} failed" in output, output
+        assert TEST_POD not in _names(kubeconfig, "pods")  # hook-failed
+
+        result = _helm_on(kubeconfig, "uninstall", RELEASE)
+        assert "These resources were kept due to the resource policy:\n[Secret] alliance-minio" in (
+            result.stdout
+        )
+        hook_log = kubelet.logs(NAMESPACE, HOOK)
+        assert f"deleting Alliance {NAMESPACE}/mnist" in hook_log and "gone after" in hook_log
+        # The operator's pod went with its Deployment, after the hook.
+        kubelet.wait_for(lambda: kubelet.pid(NAMESPACE, operator_pod) is None, 20)
+
+    user_objects = {"Member/hospital-a", "Pod/hospital-a-agent", "TrainingRun/mnist-fedavg"}
+    assert _namespace_content(kubeconfig) == KEPT | user_objects
+    assert _release_cluster_objects(kubeconfig) == set()  # the ClusterRole and its binding
+    crds = json.loads(_kubectl(kubeconfig, "get", "crds", "-o", "json"))["items"]
+    assert {f"{r}.alliance.dev" for r in ALLIANCE_RESOURCES} <= {
+        o["metadata"]["name"] for o in crds
+    }  # Helm never deletes the CRDs of a chart's crds/
+    assert RELEASE not in _helm_on(kubeconfig, "list", "--all", "-q").stdout.split()
+
+    # The user's resources are untouched and keep the operator's finalizer: with the operator
+    # gone, deleting them waits for ever; clearing the finalizer ends it (docs/operations.md),
+    # and garbage collection removes the member's pod.
+    for kind, name in (("member", "hospital-a"), ("trainingrun", "mnist-fedavg")):
+        obj = _get_json(kubeconfig, kind, name)
+        assert obj["metadata"]["finalizers"] == [FINALIZER], kind
+        assert "deletionTimestamp" not in obj["metadata"], kind
+    _kubectl(kubeconfig, "delete", "-n", NAMESPACE, "members,trainingruns", "--all", "--wait=false")
+    time.sleep(1)
+    assert {"Member/hospital-a", "TrainingRun/mnist-fedavg"} <= _namespace_content(kubeconfig)
+    for kind, name in (("member", "hospital-a"), ("trainingrun", "mnist-fedavg")):
+        _kubectl(kubeconfig, "patch", kind, name, "-n", NAMESPACE, "--type=merge",
+                 "-p", NO_FINALIZERS)  # fmt: skip
+    _wait(lambda: _namespace_content(kubeconfig) == KEPT, 20, "the user's objects to go",
+          lambda: str(_namespace_content(kubeconfig)))  # fmt: skip
+
+
+def test_uninstall_with_the_operator_down_fails_clearly_then_succeeds_once_it_is_back(
+    kubeconfig, tmp_path
+):
+    _helm_on(kubeconfig, "install", RELEASE, str(CHART), "--create-namespace",
+             "--set", "uninstallHook.timeoutSeconds=2")  # fmt: skip
+    with _kubelet(kubeconfig, tmp_path) as kubelet:
+        _run_operator_pod(kubeconfig, "operator-1")
+        _operator_holds_the_alliance(kubeconfig, kubelet, "operator-1")
+        _kubectl(kubeconfig, "delete", "pod", "operator-1", "-n", NAMESPACE)  # down (crashing...)
+        kubelet.wait_for(lambda: kubelet.pid(NAMESPACE, "operator-1") is None, 20)
+
+        result = _helm_on(kubeconfig, "uninstall", RELEASE, check=False)
+        assert result.returncode != 0 and f"pod {HOOK} failed" in result.stderr, result.stderr
+        hook_log = kubelet.logs(NAMESPACE, HOOK)
+        assert "FAILED: after 2 s, 1 Alliance(s) are still there:" in hook_log
+        assert f"Alliance {NAMESPACE}/mnist: being deleted, finalizers: {FINALIZER}" in hook_log
+        # Nothing else was deleted, and the failed hook pod stays for its log and its status.
+        pod = _get_json(kubeconfig, "pod", HOOK)
+        assert pod["status"]["phase"] == "Failed"
+        (state,) = pod["status"]["containerStatuses"]
+        assert "FAILED: after 2 s" in state["state"]["terminated"]["message"]
+        assert OPERATOR_DEPLOYMENT in _names(kubeconfig, "deployments")
+
+        # The operator back: it ends the Alliance's deletion; helm uninstall then goes through.
+        _run_operator_pod(kubeconfig, "operator-2")
+        _wait(lambda: "mnist" not in _alliances(kubeconfig), 60, "the Alliance to go")
+        _helm_on(kubeconfig, "uninstall", RELEASE)
+        assert "nothing to delete" in kubelet.logs(NAMESPACE, HOOK)
+        kubelet.wait_for(lambda: kubelet.pid(NAMESPACE, "operator-2") is None, 20)
+
+    assert _namespace_content(kubeconfig) == KEPT
+    assert _release_cluster_objects(kubeconfig) == set()

@@ -1,4 +1,5 @@
-"""The only module that calls the Kubernetes API (besides kopf itself).
+"""The only module of the operator that calls the Kubernetes API (besides kopf itself; the
+chart's uninstall hook, uninstall.py, makes its own two calls under its own Role).
 
 Every call is idempotent: creating what exists returns the existing object (409), deleting
 what is gone is done (404), reading what is missing returns None. Objects are plain dicts in
