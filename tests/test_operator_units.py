@@ -368,7 +368,8 @@ def test_member_pod_image_resources_and_labels(case):
     c = container(pod)
     assert c["image"] == MEMBER_CASES[case][2]
     assert c["imagePullPolicy"] == "IfNotPresent"
-    assert c["resources"] == (m_spec.get("resources") or pods.DEFAULT_MEMBER_RESOURCES)
+    resources = m_spec.get("resources") or pods.DEFAULT_MEMBER_RESOURCES
+    assert c["resources"] == {k: {n: str(q) for n, q in v.items()} for k, v in resources.items()}
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert pod["spec"]["restartPolicy"] == "Always"
     assert pod["metadata"]["name"] == pods.member_pod_name("hospital-a") == "hospital-a-agent"
@@ -382,6 +383,16 @@ def test_member_pod_image_resources_and_labels(case):
     }
     assert "namespace" not in pod["metadata"]  # kopf.adopt sets it from the owner
     assert pod["metadata"]["annotations"] == {ANNOTATION_SPEC_HASH: pods.spec_hash(pod)}
+
+
+@pytest.mark.parametrize("case", MEMBER_CASES)
+def test_member_pods_are_what_the_kubernetes_client_sends(case):
+    # The client validates a Pod body before sending it: a Member's `cpu: 2` (the CRD admits an
+    # int) made every create_namespaced_pod fail, and the Member never got its agent.
+    import kubernetes
+
+    pod, _, _ = build_member(case)
+    kubernetes.client.V1Pod.model_validate(pod)
 
 
 @pytest.mark.parametrize("case", INIT_CASES)

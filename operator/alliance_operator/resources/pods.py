@@ -31,6 +31,14 @@ DEFAULT_MEMBER_RESOURCES = {
     "requests": {"cpu": "500m", "memory": "1Gi"},
     "limits": {"cpu": "2", "memory": "4Gi"},
 }
+
+
+def _quantities(resources: dict) -> dict:
+    """Limits and requests with every quantity a string: the CRD admits ``cpu: 2`` (int or
+    string), the kubernetes client refuses an int in a Pod."""
+    return {kind: {k: str(v) for k, v in values.items()} for kind, values in resources.items()}
+
+
 INIT_RESOURCES = {
     "requests": {"cpu": "250m", "memory": "512Mi"},
     "limits": {"cpu": "1", "memory": "2Gi"},
@@ -203,7 +211,7 @@ def member_pod(
         "args": args,
         "env": env,
         "ports": [{"name": "metrics", "containerPort": MEMBER_METRICS_PORT, "protocol": "TCP"}],
-        "resources": copy.deepcopy(member_spec.get("resources") or DEFAULT_MEMBER_RESOURCES),
+        "resources": _quantities(member_spec.get("resources") or DEFAULT_MEMBER_RESOURCES),
         "volumeMounts": mounts,
         "securityContext": _container_security(),
         # A container that dies leaves the tail of its log as the termination message: the
