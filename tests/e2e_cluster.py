@@ -8,18 +8,21 @@ own process (``alliance-operator``, i.e. ``kopf.run``) — killable and restarta
 ``RealCluster``: when ``ALLIANCE_E2E_KUBECONFIG`` names a kubeconfig, the same tests run
 against that cluster: the operator still runs as a local process (with that kubeconfig, the
 way operators are developed), member pods run the image ``ALLIANCE_E2E_MEMBER_IMAGE`` in the
-cluster, data reaches each PVC through a short-lived loader pod and ``kubectl cp``, and the
-store is ``ALLIANCE_E2E_S3_ENDPOINT`` with ``ALLIANCE_E2E_S3_ACCESS_KEY`` /
+cluster, data reaches each PVC through a short-lived loader pod (``kubectl exec`` into it), and
+the store is ``ALLIANCE_E2E_S3_ENDPOINT`` with ``ALLIANCE_E2E_S3_ACCESS_KEY`` /
 ``ALLIANCE_E2E_S3_SECRET_KEY``: an S3 endpoint that both the pods and this machine reach (see
-docs/kubernetes.md for a kind recipe). A pod "marked Failed" is a pod force-deleted there.
+docs/kubernetes.md, section 7, for a kind recipe).
 
-Both expose the same small interface; the tests use nothing else.
+Both expose the same small interface and mean the same by it; the tests use nothing else. A
+crashed agent (``crash_agent``) is a container that exits non-zero, 137, on both: SIGKILLed by
+the kubelet stand-in, OOM-killed on a real node.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -48,6 +51,10 @@ OPERATOR_ENV = {
 }
 
 
+class KubectlError(AssertionError):
+    """kubectl exited non-zero; the message is its output (the API server's error)."""
+
+
 def wait_for(check, timeout: float, what: str, interval: float = 0.25, diagnose=None):
     """Poll ``check()`` until it returns a truthy value; fail naming ``what`` and the last
     value seen (and whatever ``diagnose()`` tells)."""
@@ -73,17 +80,24 @@ class Cluster:
 
     # --- kubectl --------------------------------------------------------------------------
 
-    def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> str:
+    def kubectl(self, *args: str, check: bool = True, input: str | bytes | None = None) -> str:
         result = subprocess.run(
             [str(KUBECTL), "--kubeconfig", str(self.kubeconfig), *args],
             capture_output=True,
-            text=True,
-            input=input,
-            timeout=60,
+            input=input.encode() if isinstance(input, str) else input,
+            timeout=120,
         )
+        stdout = result.stdout.decode(errors="replace")
         if check and result.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)}: {result.stderr}{result.stdout}")
-        return result.stdout
+            stderr = result.stderr.decode(errors="replace")
+            raise KubectlError(f"kubectl {shlex.join(args)}: {stderr}{stdout}")
+        return stdout
+
+    def install_crds(self) -> None:
+        """The CRDs this repository ships, usable once the server says they are Established."""
+        crds = str(PROJECT_ROOT / "crds")
+        self.kubectl("apply", "-f", crds)
+        self.kubectl("wait", "--for=condition=Established", "-f", crds, "--timeout=60s")
 
     def apply(self, namespace: str, *objects: dict) -> None:
         text = yaml.safe_dump_all(list(objects), sort_keys=False)
@@ -99,6 +113,25 @@ class Cluster:
         name = f"e2e-{uuid.uuid4().hex[:6]}"
         self.kubectl("create", "namespace", name)
         return name
+
+    def delete_namespace(self, namespace: str, timeout: float = 180) -> None:
+        """Delete the namespace and wait until it is gone. Its custom resources carry the
+        operator's finalizer, so the operator must run until then: it is started if it is not
+        (a test failed after killing it)."""
+        if getattr(self, "operator", None) is None or self.operator.poll() is not None:
+            self.start_operator(namespace)
+        self.kubectl("delete", "namespace", namespace, "--wait=false", "--ignore-not-found")
+
+        def gone() -> bool:
+            return not self.kubectl("get", "namespace", namespace, "--ignore-not-found").strip()
+
+        wait_for(
+            gone,
+            timeout,
+            f"namespace {namespace} deleted",
+            interval=1,
+            diagnose=lambda: self.diagnose(namespace),
+        )
 
     def create_store_secret(self, namespace: str, name: str) -> None:
         self.kubectl(
@@ -168,12 +201,19 @@ class Cluster:
         """A PersistentVolumeClaim ``claim`` holding ``files`` (name in the volume → source)."""
         raise NotImplementedError
 
-    def fail_pod(self, namespace: str, name: str) -> None:
-        """The pod dies for good (eviction, node loss)."""
+    def crash_agent(self, namespace: str, pod: str) -> None:
+        """The pod's running container exits non-zero (137, killed): a crash. What follows is
+        the kubelet's doing (the pod's restartPolicy, back-off), as after any crash."""
+        raise NotImplementedError
+
+    def pod_log_tail(self, namespace: str, pod: str) -> str:
         raise NotImplementedError
 
     def diagnose(self, namespace: str) -> str:
-        return self.operator_log()
+        pods = self.kubectl("get", "pods", "-n", namespace, "-o", "wide", check=False)
+        names = self.kubectl("get", "pods", "-n", namespace, "-o", "name", check=False).split()
+        logs = [f"--- {n}\n{self.pod_log_tail(namespace, n.split('/')[-1])}" for n in names]
+        return "\n".join([pods, *logs, self.operator_log()])
 
     def close(self) -> None:
         self.stop_operator()
@@ -190,13 +230,15 @@ class EmulatedCluster(Cluster):
         self.api = ApiServer()
         self.api.start()
         self.api.write_kubeconfig(self.kubeconfig)
-        self.kubectl("apply", "-f", str(PROJECT_ROOT / "crds"))
+        self.install_crds()
         self.kubelet = KubeletStandIn(
             self.kubeconfig,
             work_dir / "kubelet",
             bin_dirs=[BIN],
-            backoff_seconds=1.0,
-            max_backoff_seconds=5.0,
+            # The kubelet's own back-off: a crash-looping pod stays in CrashLoopBackOff long
+            # enough for the operator to see it, as on a real node.
+            backoff_seconds=10.0,
+            max_backoff_seconds=300.0,
         )
         self.kubelet.start()
 
@@ -220,16 +262,12 @@ class EmulatedCluster(Cluster):
         }
         self.apply(namespace, pvc)
 
-    def fail_pod(self, namespace: str, name: str) -> None:
-        self.kubelet.fail_pod(namespace, name)
+    def crash_agent(self, namespace: str, pod: str) -> None:
+        if self.kubelet.kill_process(namespace, pod, signal.SIGKILL) is None:
+            raise AssertionError(f"pod {namespace}/{pod} has no running process to kill")
 
-    def diagnose(self, namespace: str) -> str:
-        pods = self.kubectl("get", "pods", "-n", namespace, "-o", "wide", check=False)
-        logs = []
-        for log in sorted((self.work_dir / "kubelet" / "logs").glob(f"{namespace}_*.log")):
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-8:])
-            logs.append(f"--- {log.name}\n{tail}")
-        return "\n".join([pods, *logs, self.operator_log()])
+    def pod_log_tail(self, namespace: str, pod: str) -> str:
+        return "\n".join(self.kubelet.logs(namespace, pod).splitlines()[-8:])
 
     def close(self) -> None:
         super().close()
@@ -237,8 +275,16 @@ class EmulatedCluster(Cluster):
         self.api.stop()
 
 
+#: Run in a member pod's container: take memory until the container's limit stops it.
+EAT_MEMORY = "chunks = []\nwhile True:\n    chunks.append(b'x' * (64 << 20))"
+#: Run in the loader pod: write stdin to the file named by the argument.
+WRITE_STDIN = "import shutil, sys; shutil.copyfileobj(sys.stdin.buffer, open(sys.argv[1], 'wb'))"
+
+
 class RealCluster(Cluster):
-    """A real cluster (see the module docstring). Not exercised by CI: no cluster runs there."""
+    """A real cluster (see the module docstring and docs/kubernetes.md, section 7): nodes with
+    cgroup v2 (for ``crash_agent``), a default StorageClass, the member image where the nodes
+    find it. Not exercised by CI: no cluster runs there."""
 
     def __init__(self, work_dir: Path, kubeconfig: Path):
         self.work_dir = work_dir
@@ -251,7 +297,7 @@ class RealCluster(Cluster):
             env["ALLIANCE_E2E_S3_SECRET_KEY"],
             "",
         )
-        self.kubectl("apply", "-f", str(PROJECT_ROOT / "crds"))
+        self.install_crds()
 
     def operator_env(self) -> dict[str, str]:
         return {"ALLIANCE_OPERATOR_MEMBER_IMAGE": self.image}
@@ -267,18 +313,31 @@ class RealCluster(Cluster):
             },
         }
         loader = f"{claim}-loader"
+        # The member image has python but no shell tools to count on (kubectl cp needs tar):
+        # the loader sleeps in python and each file goes in through python's stdin. It runs
+        # as the agent's uid and passes Pod Security "restricted".
         pod = {
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {"name": loader},
             "spec": {
                 "restartPolicy": "Never",
-                "securityContext": {"runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001},
+                "securityContext": {
+                    "runAsNonRoot": True,
+                    "runAsUser": 10001,
+                    "runAsGroup": 10001,
+                    "fsGroup": 10001,
+                    "seccompProfile": {"type": "RuntimeDefault"},
+                },
                 "containers": [
                     {
                         "name": "loader",
                         "image": self.image,
-                        "command": ["sleep", "600"],
+                        "command": ["python", "-c", "import time; time.sleep(600)"],
+                        "securityContext": {
+                            "allowPrivilegeEscalation": False,
+                            "capabilities": {"drop": ["ALL"]},
+                        },
                         "volumeMounts": [{"name": "data", "mountPath": "/data"}],
                     }
                 ],
@@ -290,14 +349,23 @@ class RealCluster(Cluster):
             "wait", "-n", namespace, "--for=condition=Ready", f"pod/{loader}", "--timeout=300s"
         )
         for name, source in files.items():
-            self.kubectl("cp", "-n", namespace, str(source), f"{loader}:/data/{name}")
-        self.kubectl("delete", "-n", namespace, "pod", loader, "--wait=true")
+            command = ["python", "-c", WRITE_STDIN, f"/data/{name}"]
+            self.kubectl(
+                "exec", "-i", "-n", namespace, loader, "--", *command, input=source.read_bytes()
+            )
+        # python as PID 1 has no SIGTERM handler, so it ignores SIGTERM: no 30 s grace period.
+        self.kubectl("delete", "-n", namespace, "pod", loader, "--grace-period=1", "--wait=true")
 
-    def fail_pod(self, namespace: str, name: str) -> None:
-        self.kubectl("delete", "-n", namespace, "pod", name, "--grace-period=0", "--force")
+    def crash_agent(self, namespace: str, pod: str) -> None:
+        # Nothing inside the container can SIGKILL its PID 1 (the kernel drops signals the
+        # process has no handler for when they come from its own PID namespace), and the agent
+        # stops cleanly, with 0, on SIGTERM and SIGINT. Going over the memory limit does it: on
+        # cgroup v2 the kubelet (1.28+) has the kernel OOM-kill all of the container's
+        # processes, the agent too: exit 137, OOMKilled. (kubectl reports the exec killed.)
+        self.kubectl("exec", "-n", namespace, pod, "--", "python", "-c", EAT_MEMORY, check=False)
 
-    def close(self) -> None:
-        super().close()
+    def pod_log_tail(self, namespace: str, pod: str) -> str:
+        return self.kubectl("logs", "-n", namespace, pod, "--tail=8", check=False)
 
 
 def make_cluster(work_dir: Path, s3_server) -> Cluster:

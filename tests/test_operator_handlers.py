@@ -768,7 +768,10 @@ def test_member_spec_change_replaces_the_pod(op, cluster, events, alliance, s3):
     cluster.finish_deletions()
     op.reconcile("Member", MEMBER)
     pod = cluster.pod(POD)
-    assert pod["spec"]["containers"][0]["resources"] == resources
+    assert pod["spec"]["containers"][0]["resources"] == {  # quantities as strings in the pod
+        "requests": {"cpu": "2", "memory": "2Gi"},
+        "limits": {"cpu": "4", "memory": "8Gi"},
+    }
     assert pod["metadata"]["annotations"][ANNOTATION_SPEC_HASH] != old_hash
     assert op.status("Member", MEMBER)["observedGeneration"] == 2
     assert all(c["observedGeneration"] == 2 for c in op.conditions("Member", MEMBER).values())

@@ -55,9 +55,11 @@ Where it differs from a kubelet (on purpose):
 * Only the first container runs; sidecar init containers (``restartPolicy: Always``) are skipped.
 * Only readiness probes run (``exec``, ``httpGet``, ``tcpSocket``; ``grpc`` counts as success);
   liveness and startup probes are ignored, lifecycle hooks are not run.
-* Back-off starts at ``backoff_seconds`` (default 1 s, the kubelet: 10 s), doubles up to
-  ``max_backoff_seconds`` (10 s; the kubelet: 5 min) and resets after the process stayed up
-  10 x ``backoff_seconds`` (the kubelet: 10 min); every restart, the first one too, waits.
+* Back-off: as with the kubelet, a container's first crash restarts at once (no
+  ``CrashLoopBackOff``); from the second on, the restart waits ``backoff_seconds`` (default 1 s,
+  the kubelet: 10 s), doubling up to ``max_backoff_seconds`` (10 s; the kubelet: 5 min). A crash
+  after the process stayed up 10 x ``backoff_seconds`` counts as a first one again (the kubelet
+  forgets a container's back-off after 10 min).
 * No Node object is registered, no Events are written, no service environment variables
   (``KUBERNETES_SERVICE_HOST`` ...) are set, Secrets and ConfigMaps mounted as volumes are not
   updated while the Pod runs, and volumes are kept after the Pod is deleted.
@@ -696,7 +698,7 @@ class _Run(PodState):
     bound: bool = False
     proc: _Process | None = None
     probe: _Probe | None = None
-    backoff: float = 1.0
+    backoff: float = 0.0  # the next crash's restart delay; 0: no crash yet, restart at once
     next_action_at: float = 0.0
     done: bool = False
     dirty: bool = True
@@ -1048,7 +1050,6 @@ class KubeletStandIn:
                     self._terminate(other, finalize=False)
             run = _Run(**vars(PodState.for_pod(pod)))
             run.directory = self.work_dir / "pods" / f"{run.namespace}_{run.name}_{uid[:8]}"
-            run.backoff = self.backoff_seconds
             self._runs[uid] = run
             containers = pod["spec"]["containers"]
             if len(containers) > 1:
@@ -1582,7 +1583,7 @@ class KubeletStandIn:
             status.state = {"terminated": term}
             status.ready, status.started = True, False
             run.stage += 1
-            run.backoff = self.backoff_seconds
+            run.backoff = 0.0  # the next container starts with no back-off
             run.next_action_at = 0.0
             if run.initialized and run.statuses:
                 run.statuses[0].waiting("ContainerCreating")
@@ -1593,16 +1594,23 @@ class KubeletStandIn:
             run.phase = "Succeeded" if kind == "main" and code == 0 else "Failed"
             run.done = True
             return
-        delay, run.backoff = backoff_delays(
-            run.backoff, uptime, self.backoff_seconds, self.max_backoff_seconds
-        )
+        if run.backoff == 0.0 or uptime >= 10 * self.backoff_seconds:
+            # The kubelet has no back-off for a container's first crash: it restarts it at once.
+            delay, run.backoff = 0.0, self.backoff_seconds
+        else:
+            delay, run.backoff = backoff_delays(
+                run.backoff, uptime, self.backoff_seconds, self.max_backoff_seconds
+            )
         status.restart_count += 1
         status.last_state = {"terminated": term}
-        status.waiting(
-            "CrashLoopBackOff",
-            f"back-off {go_duration(delay)} restarting failed container={status.name} "
-            f"pod={run.name}_{run.namespace}({run.uid})",
-        )
+        if delay:
+            status.waiting(
+                "CrashLoopBackOff",
+                f"back-off {go_duration(delay)} restarting failed container={status.name} "
+                f"pod={run.name}_{run.namespace}({run.uid})",
+            )
+        else:
+            status.waiting("ContainerCreating")
         run.next_action_at = time.monotonic() + delay
 
     # -- readiness probes --------------------------------------------------------------------
