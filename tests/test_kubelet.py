@@ -404,14 +404,14 @@ def test_restart_policy(policy, kind, code, restart):
     assert should_restart(policy, kind, code) is restart
 
 
-def test_backoff_doubles_up_to_the_maximum_and_resets_after_a_long_run():
-    delays, current = [], 1.0
-    for _ in range(6):
+def test_backoff_none_on_the_first_crash_then_doubling_and_forgotten_after_a_long_run():
+    delays, current = [], 0.0  # no crash yet
+    for _ in range(7):
         delay, current = backoff_delays(current, uptime=0.5, initial=1.0, maximum=10.0)
         delays.append(delay)
-    assert delays == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    assert delays == [0.0, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]  # the kubelet's: at once, then 10 s...
     assert backoff_delays(current, uptime=9.9, initial=1.0, maximum=10.0) == (10.0, 10.0)
-    assert backoff_delays(current, uptime=10.0, initial=1.0, maximum=10.0) == (1.0, 2.0)
+    assert backoff_delays(current, uptime=10.0, initial=1.0, maximum=10.0) == (0.0, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------

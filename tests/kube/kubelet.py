@@ -451,10 +451,12 @@ def should_restart(policy: str | None, kind: str, exit_code: int) -> bool:
 def backoff_delays(
     current: float, uptime: float, initial: float, maximum: float
 ) -> tuple[float, float]:
-    """(this restart's delay, the next one's): doubling up to ``maximum``, back to ``initial``
-    once the container stayed up 10 x ``initial``."""
-    if uptime >= 10 * initial:
-        current = initial
+    """(this restart's delay, the next one's). As the kubelet: a container's first crash (no
+    back-off yet, ``current`` 0) restarts at once; from the second the delay starts at
+    ``initial`` and doubles up to ``maximum``; a crash after the container stayed up
+    10 x ``initial`` counts as a first one again."""
+    if current == 0.0 or uptime >= 10 * initial:
+        return 0.0, initial
     return current, min(current * 2, maximum)
 
 
@@ -1594,13 +1596,9 @@ class KubeletStandIn:
             run.phase = "Succeeded" if kind == "main" and code == 0 else "Failed"
             run.done = True
             return
-        if run.backoff == 0.0 or uptime >= 10 * self.backoff_seconds:
-            # The kubelet has no back-off for a container's first crash: it restarts it at once.
-            delay, run.backoff = 0.0, self.backoff_seconds
-        else:
-            delay, run.backoff = backoff_delays(
-                run.backoff, uptime, self.backoff_seconds, self.max_backoff_seconds
-            )
+        delay, run.backoff = backoff_delays(
+            run.backoff, uptime, self.backoff_seconds, self.max_backoff_seconds
+        )
         status.restart_count += 1
         status.last_state = {"terminated": term}
         if delay:
