@@ -3,8 +3,9 @@ VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+PIP_VERSION := 25.3
 
-.PHONY: install demo test test-fast bench lint format clean help images chart-lint
+.PHONY: install demo test test-fast bench lint format clean help images wheels chart-lint
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -13,7 +14,7 @@ install: $(STAMP)  ## create .venv with every pinned dependency (TensorFlow, the
 
 $(STAMP): pyproject.toml requirements.lock scripts/install_helm.py
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip==25.3
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip==$(PIP_VERSION)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[tf,s3,operator,dev]'
 	$(PY) scripts/install_helm.py $(VENV)/bin
 	touch $(STAMP)
@@ -38,13 +39,37 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-IMAGE_TAG ?= 0.1.0
-images:  ## build the operator and member images (needs a Docker engine)
-	docker build -f operator/Dockerfile -t alliance-operator:$(IMAGE_TAG) .
-	docker build -f member-image/Dockerfile -t alliance-member:$(IMAGE_TAG) .
+IMAGE_TAG  ?= 0.1.0
+# The images' base: the Dockerfile's pinned official python image unless one is named here
+# (scripts/local_base.sh makes a stand-in where no registry is reachable).
+BASE_IMAGE ?=
+WHEELS     := images/wheels
+# The wheels fit the images, not this machine: CPython 3.11 on Debian bookworm (glibc 2.36, so
+# manylinux_2_5 ... manylinux_2_36) on this machine's architecture, which Docker builds for.
+WHEEL_ARCH ?= $(shell uname -m | sed s/arm64/aarch64/)
+WHEEL_PLATFORM := --python-version 3.11 --implementation cp --abi cp311 \
+	$(foreach v,$(shell seq 36 -1 5),--platform manylinux_2_$(v)_$(WHEEL_ARCH)) \
+	--platform manylinux2014_$(WHEEL_ARCH)
+
+wheels: $(WHEELS)/.complete  ## download what the images install (their build needs no network)
+
+# Both closures, pip (the build runs it from its wheel) and pyproject.toml's build-system pin;
+# again when this Makefile (the pins, the platform) changes.
+$(WHEELS)/.complete: images/operator-requirements.txt images/member-requirements.txt Makefile
+	rm -rf $(WHEELS)
+	$(PYTHON) -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+		$(WHEEL_PLATFORM) --dest $(WHEELS) pip==$(PIP_VERSION) setuptools==80.9.0 \
+		-r images/operator-requirements.txt -r images/member-requirements.txt
+	touch $@
+
+images: wheels  ## build the operator and member images (a Docker engine; the build runs offline)
+	docker build --network none $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
+		--target operator -t alliance-operator:$(IMAGE_TAG) .
+	docker build --network none $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
+		--target member -t alliance-member:$(IMAGE_TAG) .
 
 chart-lint: install  ## helm lint --strict and the rendered scenarios through kubernetes-validate
 	$(PY) -m pytest -q tests/test_chart.py
 
-clean:  ## remove the virtual environment and work directories
-	rm -rf $(VENV) alliance-work .pytest_cache
+clean:  ## remove the virtual environment, work directories and downloaded wheels
+	rm -rf $(VENV) alliance-work .pytest_cache $(WHEELS)

@@ -5,7 +5,7 @@
 
 Each image installs its file with ``pip install --no-deps -r``, so the file must be the complete
 pinned closure: the project's dependencies plus the image's extras (``operator`` for
-operator/requirements.txt, ``tf`` for member-image/requirements.txt), followed through every
+images/operator-requirements.txt, ``tf`` for images/member-requirements.txt), followed through every
 package's ``Requires-Dist`` (with extras and environment markers, evaluated for CPython 3.11 on
 Linux, the images' platform), each at its requirements.lock pin.
 
@@ -33,8 +33,8 @@ PYPROJECT = ROOT / "pyproject.toml"
 
 # requirement file -> the project's extras that image installs
 IMAGES = {
-    "operator/requirements.txt": ("operator",),
-    "member-image/requirements.txt": ("tf",),
+    "images/operator-requirements.txt": ("operator",),
+    "images/member-requirements.txt": ("tf",),
 }
 
 # The images' interpreter: python:3.11.x-slim-bookworm (platform_machine stays the build

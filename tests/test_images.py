@@ -1,25 +1,35 @@
 """The container images, checked without a Docker engine.
 
-The fast tests read operator/Dockerfile and member-image/Dockerfile: pinned slim base, labels,
-non-root user, exec-form entry point, the requirement file installed with --no-deps, and the
-requirement files against requirements.lock (scripts/image_requirements.py regenerates them).
+Both images come from the Dockerfile at the root: a shared ``build`` stage (the wheels that
+``make wheels`` downloads on the host, an empty virtual environment), a ``project`` stage (the
+project's wheel), a shared ``runtime`` stage, and per image an environment stage (``operator-env``,
+``member-env``) and the target (``operator``, ``member``).
 
-The slow tests replay each Dockerfile's build stage outside Docker: the container's filesystem
-is a temporary directory ``root`` (a container path ``/p`` is ``root/p``), the base image's
-``/usr/local`` a fresh virtual environment of this machine's Python 3.11, and every ``COPY`` and
-``RUN`` of the build stage is carried out in order: the same files (through .dockerignore), the
-same pip commands with their paths mapped. Then the image's entry point is started with the
-final stage's environment (PATH, HOME, ...) and nothing else. Nothing is shared with the
-project's .venv; a failing pip command fails the test.
+The fast tests read the Dockerfile: the base a build argument defaulting to the pinned slim
+python image, labels, non-root user, exec-form entry points, every pip command offline (no index,
+the downloaded wheels), the requirement file installed with --no-deps; the Makefile's wheels step
+and builds (``make -n``); the requirement files against requirements.lock
+(scripts/image_requirements.py regenerates them).
+
+The slow tests replay an image's build stages outside Docker: ``make wheels`` downloads the wheels
+as for a real build, the container's filesystem is a temporary directory ``root`` (a container path
+``/p`` is ``root/p``), the base image's ``/usr/local`` a fresh virtual environment of this machine's
+Python 3.11, and every ``COPY`` and ``RUN`` of the image's environment stage, of ``build`` before it
+and of ``project`` where it is copied from is carried out in order: the same files (through
+.dockerignore), the same pip commands with their paths mapped, without this machine's pip
+configuration. The stages share the one root (a ``COPY --from`` must copy a path to itself). Then
+the image's entry point is started with the target's environment (PATH, HOME, ...) and nothing
+else. Nothing is shared with the project's .venv; a failing pip command fails the test.
 
 What this cannot show: that the base image tag exists and its Python behaves as this one, the
-final stage's RUN (the user, removing pip), the uid 10001 and the read-only root filesystem
+runtime stage's RUN (the user, removing pip), the uid 10001 and the read-only root filesystem
 (the tests run as the current user; they check that running the entry points writes nothing
-into the installed environment).
+into the installed environment). `make images` builds them for real (README, "Images").
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -40,6 +50,10 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 VERSION = PYPROJECT["project"]["version"]
 PY_MINOR = f"{sys.version_info.major}.{sys.version_info.minor}"
 BASE_RE = re.compile(rf"python:{re.escape(PY_MINOR)}\.\d+-slim-bookworm(@sha256:[0-9a-f]{{64}})?")
+MAKEFILE = (ROOT / "Makefile").read_text()
+PIP_VERSION = re.search(r"^PIP_VERSION := (\S+)$", MAKEFILE, re.M).group(1)
+WHEELS = "images/wheels"  # make wheels downloads into it; the build copies it to /wheels
+PIP = f"/wheels/pip-{PIP_VERSION}-py3-none-any.whl/pip"  # pip, run from its wheel
 VENV = "/opt/alliance"
 UID = "10001"
 # Tools of the dev extra and the embedded runner's S3 server: in no image.
@@ -58,7 +72,7 @@ NOT_IN_ANY_IMAGE = {
 @dataclass(frozen=True)
 class Image:
     name: str
-    dockerfile: str
+    target: str  # the Dockerfile's stage
     requirements: str
     entrypoint: tuple[str, ...]
     extras: tuple[str, ...]
@@ -68,16 +82,16 @@ class Image:
 IMAGES = [
     Image(
         "alliance-operator",
-        "operator/Dockerfile",
-        "operator/requirements.txt",
+        "operator",
+        "images/operator-requirements.txt",
         ("alliance-operator",),
         ("operator",),
         frozenset({"tensorflow-cpu", "tensorflow", "keras", "h5py"}),
     ),
     Image(
         "alliance-member",
-        "member-image/Dockerfile",
-        "member-image/requirements.txt",
+        "member",
+        "images/member-requirements.txt",
         ("alliance",),
         ("tf",),
         frozenset({"kopf", "kubernetes"}),
@@ -102,7 +116,8 @@ def read_pins(path: Path) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# A small Dockerfile reader: instructions per stage, continuation lines joined, comments dropped.
+# A small Dockerfile reader: global ARGs, instructions per stage, continuation lines joined,
+# comments dropped.
 
 
 @dataclass
@@ -114,16 +129,33 @@ class Instruction:
 
 @dataclass
 class Stage:
-    base: str
-    name: str | None
+    base: str  # an image (``${ARG}`` not expanded) or an earlier stage's name
+    name: str
     instructions: list[Instruction] = field(default_factory=list)
 
     def all(self, keyword: str) -> list[Instruction]:
         return [i for i in self.instructions if i.keyword == keyword]
 
 
-def parse_dockerfile(path: Path) -> list[Stage]:
-    stages: list[Stage] = []
+@dataclass
+class Dockerfile:
+    args: dict[str, str]  # the ARGs before the first FROM, with their defaults
+    stages: dict[str, Stage]  # by name, in the file's order
+
+    def chain(self, name: str) -> list[Stage]:
+        """The stage and the stages it is built FROM, the first first."""
+        stage = self.stages[name]
+        return [*self.chain(stage.base), stage] if stage.base in self.stages else [stage]
+
+    def merged(self, name: str) -> Stage:
+        """The stage's chain as one stage: all its instructions in order, FROM the chain's base."""
+        chain = self.chain(name)
+        return Stage(chain[0].base, name, [i for s in chain for i in s.instructions])
+
+
+def parse_dockerfile(path: Path) -> Dockerfile:
+    args: dict[str, str] = {}
+    stages: dict[str, Stage] = {}
     pending, start = "", 0
     for number, raw in enumerate(path.read_text().splitlines(), 1):
         stripped = raw.strip()
@@ -135,18 +167,27 @@ def parse_dockerfile(path: Path) -> list[Stage]:
             pending += stripped[:-1] + " "
             continue
         text, pending = pending + stripped, ""
-        keyword, _, args = text.partition(" ")
-        keyword, args = keyword.upper(), args.strip()
+        keyword, _, rest = text.partition(" ")
+        keyword, rest = keyword.upper(), rest.strip()
         if keyword == "FROM":
-            words = args.split()
-            name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
-            assert len(words) in (1, 3), f"{path}:{start}: FROM {args}"
-            stages.append(Stage(words[0], name))
+            words = rest.split()
+            assert len(words) == 3 and words[1].upper() == "AS", f"{path}:{start}: name the stage"
+            assert words[2] not in stages, f"{path}:{start}: stage {words[2]} twice"
+            stages[words[2]] = Stage(words[0], words[2])
+        elif keyword == "ARG" and not stages:
+            name, sep, default = rest.partition("=")
+            assert sep, f"{path}:{start}: a global ARG needs a default"
+            args[name] = default
         else:
             assert stages, f"{path}:{start}: {keyword} before FROM"
-            stages[-1].instructions.append(Instruction(keyword, args, start))
+            list(stages.values())[-1].instructions.append(Instruction(keyword, rest, start))
     assert not pending, f"{path}: ends in a continuation line"
-    return stages
+    return Dockerfile(args, stages)
+
+
+@functools.cache
+def dockerfile() -> Dockerfile:
+    return parse_dockerfile(ROOT / "Dockerfile")
 
 
 def env_of(stage: Stage, inherited: dict[str, str]) -> dict[str, str]:
@@ -202,6 +243,20 @@ def copy_args(ins: Instruction) -> tuple[dict[str, str], list[str], str]:
     paths = [w for w in words if not w.startswith("--")]
     assert len(paths) >= 2, f"line {ins.line}: COPY {ins.args}"
     return flags, paths[:-1], paths[-1]
+
+
+def pip_args(argv: list[str]) -> list[str] | None:
+    """pip's arguments, if ``argv`` runs pip (from its wheel: ``PYTHON PIP ...``)."""
+    return argv[2:] if argv[1:2] == [PIP] else None
+
+
+def option(args: list[str], name: str) -> str:
+    (i,) = [i for i, word in enumerate(args) if word == name]
+    return args[i + 1]
+
+
+def commands_of(stage: Stage) -> list[list[str]]:
+    return [c for ins in stage.all("RUN") for c in run_commands(ins)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,18 +322,57 @@ def context_files(src: str, rules) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Fast checks of the Dockerfiles and the requirement files.
+# Fast checks of the Dockerfile, the Makefile and the requirement files.
+
+
+def test_dockerfile_base_is_a_build_argument_and_the_build_is_offline():
+    df = dockerfile()
+    assert BASE_RE.fullmatch(df.args["BASE_IMAGE"]), "not a pinned python slim base"
+    # Only the shared stages start from an image, and that image is the argument: naming a
+    # stand-in base (make images BASE_IMAGE=...) replaces it everywhere.
+    roots = {s.name: s.base for s in df.stages.values() if s.base not in df.stages}
+    assert roots == {"build": "${BASE_IMAGE}", "runtime": "${BASE_IMAGE}"}
+    assert {i.target for i in IMAGES} <= set(df.stages)
+    for name, stage in df.stages.items():
+        chain = [s.name for s in df.chain(name)]
+        commands = commands_of(stage)
+        assert all(c[:1] != ["apt-get"] for c in commands), "no system packages (no compilers)"
+        if chain[0] == "runtime":
+            assert not [c for c in commands if pip_args(c)], f"{name}: pip at run time"
+            continue
+        # The build stages: pip only from its wheel, never from an index, never installed.
+        assert chain[0] == "build"
+        for argv in commands:
+            args = pip_args(argv)
+            if args is None:
+                runs_pip = Path(argv[0]).name.startswith("pip") or argv[1:3] == ["-m", "pip"]
+                assert not runs_pip, f"{name}: {shlex.join(argv)}"
+            elif args[0] != "check":
+                assert "--no-index" in args and "--find-links" in args, shlex.join(argv)
+    (copy,) = df.stages["build"].all("COPY")
+    assert copy_args(copy) == ({}, [WHEELS], "/wheels")
+    venv = [c for c in commands_of(df.stages["build"]) if c[1:3] == ["-m", "venv"]]
+    assert venv == [["python", "-m", "venv", "--without-pip", VENV]]
+
+
+def test_project_stage_builds_the_project_wheel_once():
+    project = dockerfile().stages["project"]
+    assert project.base == "build"
+    copies = {dst: srcs for _, srcs, dst in map(copy_args, project.all("COPY"))}
+    (wheel,) = [pip_args(c) for c in commands_of(project) if pip_args(c)]
+    assert wheel[0] == "wheel" and "--no-deps" in wheel
+    assert option(wheel, "--find-links") == "/wheels" and option(wheel, "--wheel-dir") == "/project"
+    src = wheel[-1].rstrip("/")
+    assert "pyproject.toml" in copies[f"{src}/"], "the wheel from the copied sources"
+    assert copies[f"{src}/alliance"] == ["alliance"]
+    assert copies[f"{src}/operator/alliance_operator"] == ["operator/alliance_operator"]
 
 
 @pytest.mark.parametrize("image", IMAGES, ids=IDS)
-def test_dockerfile_shape(image: Image):
-    stages = parse_dockerfile(ROOT / image.dockerfile)
-    assert len(stages) == 2, "a build stage and the image"
-    build, final = stages
-    for stage in stages:
-        assert BASE_RE.fullmatch(stage.base), f"FROM {stage.base}: not a pinned python slim base"
-    assert build.base == final.base
-    assert build.name == "build" and final.name is None
+def test_dockerfile_target(image: Image):
+    df = dockerfile()
+    assert [s.name for s in df.chain(image.target)] == ["runtime", image.target]
+    final = df.merged(image.target)
 
     labels = labels_of(final)
     assert labels["org.opencontainers.image.title"] == image.name
@@ -286,27 +380,13 @@ def test_dockerfile_shape(image: Image):
     assert labels["org.opencontainers.image.licenses"] == PYPROJECT["project"]["license"]
     assert labels["org.opencontainers.image.version"] == VERSION
 
-    # The build stage: the requirement file with --no-deps, wheels only, then the project.
-    copies = {dst: (flags, srcs) for flags, srcs, dst in map(copy_args, build.all("COPY"))}
-    commands = [c for ins in build.all("RUN") for c in run_commands(ins)]
-    pip_installs = [c for c in commands if c[:1] == ["pip"] and "install" in c]
-    assert len(pip_installs) == 2, commands
-    deps, project = pip_installs
-    assert "--no-deps" in deps and "--only-binary=:all:" in deps
-    req_target = deps[deps.index("-r") + 1]
-    assert copies[req_target] == ({}, [image.requirements])
-    assert "--no-deps" in project and "-e" not in project and "--editable" not in project
-    src_dir = project[-1].rstrip("/")
-    assert "pyproject.toml" in copies[f"{src_dir}/"][1], "the project from the copied sources"
-    assert ["pip", "--python", f"{VENV}/bin/python", "check"] in commands
-    assert all(c[:1] != ["apt-get"] for c in commands), "no system packages (no compilers)"
-
-    # The image: the base plus the virtual environment, a non-root user, exec-form entry point.
+    # The image: the base plus its environment, a non-root user, exec-form entry point.
     (only_copy,) = final.all("COPY")
-    assert copy_args(only_copy) == ({"from": "build"}, [VENV], VENV)
+    flags, srcs, dst = copy_args(only_copy)
+    assert (set(flags), srcs, dst) == ({"from"}, [VENV], VENV)
     (user,) = final.all("USER")
     assert user.args == f"{UID}:{UID}"
-    final_run = [c for ins in final.all("RUN") for c in run_commands(ins)]
+    final_run = commands_of(final)
     assert [c[0] for c in final_run] == ["python", "groupadd", "useradd"]
     assert final_run[0][:4] == ["python", "-m", "pip", "uninstall"]
     assert final_run[1][final_run[1].index("--gid") + 1] == UID
@@ -323,28 +403,97 @@ def test_dockerfile_shape(image: Image):
     for cmd in final.all("CMD"):
         exec_form(cmd)
 
+    # Its environment: the requirement file with --no-deps, wheels only, then the project's
+    # wheel from the project stage, then pip check; all with the environment's own interpreter.
+    assert [s.name for s in df.chain(flags["from"])] == ["build", flags["from"]]
+    env_stage = df.stages[flags["from"]]
+    copies = {dst: (flags, srcs) for flags, srcs, dst in map(copy_args, env_stage.all("COPY"))}
+    pips = [(c[0], pip_args(c)) for c in commands_of(env_stage) if pip_args(c)]
+    assert [python for python, _ in pips] == [f"{VENV}/bin/python"] * 3
+    deps, project, check = (args for _, args in pips)
+    assert deps[0] == "install" and "--no-deps" in deps and "--only-binary=:all:" in deps
+    assert copies[option(deps, "-r")] == ({}, [image.requirements])
+    assert project[0] == "install" and "--no-deps" in project and "-e" not in project
+    assert project[-1] == f"alliance=={VERSION}"
+    wheel_dir = option(project, "--find-links")
+    assert copies[wheel_dir] == ({"from": "project"}, [wheel_dir])
+    assert check == ["check"]
+
 
 @pytest.mark.parametrize("image", IMAGES, ids=IDS)
 def test_build_context_holds_what_the_dockerfile_copies(image: Image):
     rules = dockerignore()
-    (build, _) = parse_dockerfile(ROOT / image.dockerfile)
-    copied = [
-        rel
-        for _, srcs, _ in map(copy_args, build.all("COPY"))
-        for s in srcs
-        for rel in context_files(s, rules)
+    df = dockerfile()
+    (copy,) = df.merged(image.target).all("COPY")
+    stages = [*df.chain(copy_args(copy)[0]["from"]), df.stages["project"]]
+    sources = [
+        src
+        for stage in stages
+        for flags, srcs, _ in map(copy_args, stage.all("COPY"))
+        if not flags
+        for src in srcs
     ]
+    # The wheels are downloaded by `make wheels`, not in the repository.
+    assert WHEELS in sources and not ignored(f"{WHEELS}/pip-{PIP_VERSION}-py3-none-any.whl", rules)
+    copied = [rel for src in sources if src != WHEELS for rel in context_files(src, rules)]
     assert "alliance/cli.py" in copied and "operator/alliance_operator/main.py" in copied
+    assert image.requirements in copied
     assert not [rel for rel in copied if "__pycache__" in rel or rel.endswith(".pyc")]
     for heavy in (".venv/pyvenv.cfg", ".git/HEAD", "alliance-work/x", "tests/conftest.py"):
         assert ignored(heavy, rules), f"{heavy} would be sent to the Docker engine"
 
 
-def test_make_images_builds_both_dockerfiles_from_the_root():
-    text = (ROOT / "Makefile").read_text()
-    builds = re.findall(r"^\tdocker build -f (\S+) -t (\S+?):\$\(IMAGE_TAG\) \.$", text, re.M)
-    assert sorted(builds) == sorted((i.dockerfile, i.name) for i in IMAGES)
-    assert re.search(rf"^IMAGE_TAG \?= {re.escape(VERSION)}$", text, re.M)
+def make_dry_run(*args: str) -> list[list[str]]:
+    """The commands `make -n -B ARGS` would run, continuation lines joined."""
+    out = subprocess.run(
+        ["make", "-n", "-B", *args], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    return [shlex.split(line) for line in out.replace("\\\n", " ").splitlines()]
+
+
+def test_make_images_downloads_the_wheels_then_builds_both_targets():
+    commands = make_dry_run("images", "PYTHON=python3")
+    assert commands[0] == ["rm", "-rf", WHEELS]
+    download, builds = commands[1], commands[3:]
+    assert download[:4] == ["python3", "-m", "pip", "download"]
+    assert "--no-deps" in download and "--only-binary=:all:" in download
+    # Wheels for the images' Python and platform, whatever this machine runs.
+    assert option(download, "--python-version") == PY_MINOR
+    assert option(download, "--abi") == "cp" + PY_MINOR.replace(".", "")
+    platforms = [download[i + 1] for i, w in enumerate(download) if w == "--platform"]
+    assert re.fullmatch(r"manylinux_2_36_\w+", platforms[0]), "bookworm's glibc 2.36 first"
+    assert option(download, "--dest") == WHEELS
+    requirements = [download[i + 1] for i, w in enumerate(download) if w == "-r"]
+    assert sorted(requirements) == sorted(i.requirements for i in IMAGES)
+    build_system = PYPROJECT["build-system"]["requires"]
+    assert {f"pip=={PIP_VERSION}", *build_system} <= set(download), "pip and the build backend"
+    assert commands[2] == ["touch", f"{WHEELS}/.complete"]
+
+    expected = [
+        [
+            "docker",
+            "build",
+            "--network",
+            "none",
+            "--target",
+            i.target,
+            "-t",
+            f"{i.name}:{VERSION}",
+            ".",
+        ]
+        for i in IMAGES
+    ]
+    assert builds == expected
+    # A stand-in base is passed as the build argument.
+    builds = make_dry_run("images", "BASE_IMAGE=local/base:1")[3:]
+    assert builds == [[*b[:4], "--build-arg", "BASE_IMAGE=local/base:1", *b[4:]] for b in expected]
+    assert re.search(rf"^IMAGE_TAG +\?= {re.escape(VERSION)}$", MAKEFILE, re.M)
+
+
+def test_local_base_script_pins_the_same_pip():
+    script = ROOT / "scripts" / "local_base.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    assert re.search(r"^PIP_VERSION=(\S+)", script.read_text(), re.M).group(1) == PIP_VERSION
 
 
 def _generator():
@@ -383,11 +532,15 @@ def test_requirement_file_is_the_locked_closure(image: Image):
 
 
 class Replay:
-    """A Dockerfile's build stage carried out under ``root`` instead of a container."""
+    """An image's build stages carried out under ``root`` instead of in containers."""
 
     def __init__(self, image: Image, root: Path):
         self.image, self.root = image, root
-        self.build, self.final = parse_dockerfile(ROOT / image.dockerfile)
+        self.dockerfile = dockerfile()
+        self.final = self.dockerfile.merged(image.target)
+        (copy,) = self.final.all("COPY")
+        self.env_stage = copy_args(copy)[0]["from"]
+        self.replayed: set[str] = set()
         self.timings: list[tuple[str, float]] = []
 
     def host(self, container_path: str) -> Path:
@@ -398,12 +551,16 @@ class Replay:
         """The base image's Python in /usr/local: a fresh venv of this Python, with pip."""
         self._run([sys.executable, "-m", "venv", str(self.host("/usr/local"))], "base venv")
 
-    def build_env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
-        env.update(env_of(self.build, {}))
-        # The only liberty taken: pip's cache is allowed (the image build disables it so that
-        # no cache ends up in a layer; it changes what is downloaded, not what is installed).
-        env.pop("PIP_NO_CACHE_DIR", None)
+    def build_env(self, stage: str) -> dict[str, str]:
+        """This process's environment without its virtual environment and pip configuration,
+        with the stage's ENV."""
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("VIRTUAL_ENV", "PYTHONPATH") and not k.startswith("PIP_")
+        }
+        env["PIP_CONFIG_FILE"] = os.devnull  # no pip.conf: no index, no find-links of this machine
+        env.update(env_of(self.dockerfile.merged(stage), {}))
         env["PATH"] = f"{self.host('/usr/local/bin')}:{os.environ['PATH']}"
         return env
 
@@ -422,14 +579,23 @@ class Replay:
             out.append(word)
         return out
 
-    def run_build_stage(self) -> None:
+    def run_stage(self, name: str) -> None:
+        """The stage, after the stage it is built FROM and those it copies from."""
+        stage = self.dockerfile.stages[name]
+        if stage.base in self.dockerfile.stages and stage.base not in self.replayed:
+            self.run_stage(stage.base)
         rules = dockerignore()
-        env, cwd = self.build_env(), self.host("/")
-        for ins in self.build.instructions:
+        env, cwd = self.build_env(name), self.host("/")
+        for ins in stage.instructions:
             if ins.keyword == "COPY":
                 flags, srcs, dst = copy_args(ins)
-                assert not flags, f"line {ins.line}: COPY {ins.args}"
-                self._copy(srcs, dst, rules)
+                if not flags:
+                    self._copy(srcs, dst, rules)
+                    continue
+                assert set(flags) == {"from"} and srcs == [dst], f"line {ins.line}: one root"
+                if flags["from"] not in self.replayed:
+                    self.run_stage(flags["from"])
+                assert self.host(dst).exists(), f"line {ins.line}: {dst} not made by {flags}"
             elif ins.keyword == "RUN":
                 for argv in run_commands(ins):
                     self._run(self.map_command(argv), shlex.join(argv), env=env, cwd=cwd)
@@ -438,6 +604,7 @@ class Replay:
                 cwd.mkdir(parents=True, exist_ok=True)
             else:
                 assert ins.keyword == "ENV", f"line {ins.line}: {ins.keyword} is not replayed"
+        self.replayed.add(name)
 
     def _copy(self, srcs: list[str], dst: str, rules) -> None:
         assert len(srcs) == 1 or dst.endswith("/"), f"COPY {srcs} {dst}"
@@ -500,9 +667,17 @@ def replay(request, tmp_path) -> Replay:
     shutil.rmtree(replay.root, ignore_errors=True)  # up to 2 GB; pytest would keep three runs
 
 
+@pytest.fixture(scope="module")
+def wheels() -> float:
+    """`make wheels`, as `make images` runs it first: the seconds it took."""
+    started = time.monotonic()
+    subprocess.run(["make", "-s", "wheels", f"PYTHON={sys.executable}"], cwd=ROOT, check=True)
+    return time.monotonic() - started
+
+
 def build_and_check(replay: Replay) -> dict[str, tuple[int, int]]:
     replay.base_image()
-    replay.run_build_stage()
+    replay.run_stage(replay.env_stage)
     # Exactly the requirement file and the project, nothing else (no pip, no test tools).
     listed = replay._run(
         [
@@ -529,7 +704,8 @@ def report(replay: Replay, capsys) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("replay", [IMAGES[0]], ids=[IDS[0]], indirect=True)
-def test_operator_image_installs_and_starts(replay: Replay, capsys):
+def test_operator_image_installs_and_starts(wheels, replay: Replay, capsys):
+    replay.timings.append(("make wheels (once for both tests)", wheels))
     before = build_and_check(replay)
     out = replay.start("--help")
     assert "alliance-operator" in out.stdout and "--all-namespaces" in out.stdout
@@ -578,7 +754,8 @@ def test_operator_image_installs_and_starts(replay: Replay, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("replay", [IMAGES[1]], ids=[IDS[1]], indirect=True)
-def test_member_image_installs_and_starts(replay: Replay, capsys):
+def test_member_image_installs_and_starts(wheels, replay: Replay, capsys):
+    replay.timings.append(("make wheels (once for both tests)", wheels))
     before = build_and_check(replay)
     out = replay.start("--help")
     assert "member" in out.stdout and "check-data" in out.stdout
