@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from alliance import __version__
+from alliance import __version__, contract
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = PROJECT_ROOT / "examples" / "mnist-sample"
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
-    from alliance.data import DataError
+    from alliance.data.errors import DataError
     from alliance.engine import SpecError
     from alliance.s3server import S3ServerError
     from alliance.store import StoreError
@@ -301,21 +301,23 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
 def _schema(path: Path | None):
     """--schema FILE, else ALLIANCE_DATA_SCHEMA (JSON; how the operator passes a Member's
     spec.dataSchema to its pod), else the default mnist-in-csv schema."""
-    from alliance.data import DataError, DataSchema
+    from alliance.data.errors import DataError
+    from alliance.data.schema import DataSchema
 
     if path:
         return DataSchema.load(path)
-    inline = os.environ.get("ALLIANCE_DATA_SCHEMA")
+    inline = os.environ.get(contract.ENV_DATA_SCHEMA)
     if inline:
         try:
             return DataSchema.from_dict(json.loads(inline))
         except json.JSONDecodeError as exc:
-            raise DataError("schema", f"ALLIANCE_DATA_SCHEMA is not JSON: {exc}") from exc
+            raise DataError("schema", f"{contract.ENV_DATA_SCHEMA} is not JSON: {exc}") from exc
     return DataSchema()
 
 
 def _dataset_files(data_dir: Path) -> tuple[Path, Path | None]:
-    from alliance.data import DataError, find_data_file
+    from alliance.data.datadir import find_data_file
+    from alliance.data.errors import DataError
 
     train = find_data_file(data_dir, "train")
     try:
@@ -366,8 +368,10 @@ def _run_spec(args) -> dict:
 
 
 def cmd_run(args) -> int:
+    from alliance.data.split import split_dataset
+    from alliance.driver import StoreSink, drive, sleeping
     from alliance.engine import RunSpec
-    from alliance.local import LocalAlliance, coordinate, init_in_subprocess, split_dataset
+    from alliance.local import LocalAlliance, init_in_subprocess
 
     spec = RunSpec.from_dict(_run_spec(args))
     seed = spec.seed
@@ -402,12 +406,13 @@ def cmd_run(args) -> int:
         (work / "last-run").write_text(run)
         progress.say("waiting for the members to check their data and load TensorFlow")
         local.wait_until_ready(check=lambda: _init_failed(init))
-        status = coordinate(
+        status = drive(
             local.store,
             run,
             spec,
-            on_change=progress.update,
-            lost_members=lambda: local.supervise() | _init_failed(init),
+            StoreSink(local.store, run, on_change=progress.update),
+            sleeping(),
+            lost=lambda: local.supervise() | _init_failed(init),
         )
         init.wait()
     progress.done(status, time.perf_counter() - started, work)
@@ -526,7 +531,7 @@ def cmd_member(args) -> int:
     from alliance.member import Agent, AgentConfig
 
     store = _store()
-    cache = os.environ.get("ALLIANCE_CACHE_DIR")
+    cache = os.environ.get(contract.ENV_CACHE_DIR)
     agent = Agent(
         store,
         AgentConfig(
@@ -548,26 +553,27 @@ def cmd_member(args) -> int:
 
 def _metrics_port(flag: int | None) -> int:
     """--metrics-port, else ALLIANCE_METRICS_PORT, else 0 (no metrics)."""
-    raw = os.environ.get("ALLIANCE_METRICS_PORT", "") if flag is None else str(flag)
+    raw = os.environ.get(contract.ENV_METRICS_PORT, "") if flag is None else str(flag)
     try:
         port = int(raw or 0)
     except ValueError:
-        raise ValueError(f"ALLIANCE_METRICS_PORT: not a port number: {raw!r}") from None
+        raise ValueError(f"{contract.ENV_METRICS_PORT}: not a port number: {raw!r}") from None
     if not 0 <= port <= 65535:
         raise ValueError(f"metrics port {port}: must be 0 (off) or 1-65535")
     return port
 
 
 def cmd_coordinate(args) -> int:
+    from alliance.driver import StoreSink, drive, sleeping
     from alliance.engine import RunSpec
-    from alliance.local import coordinate
 
     spec = RunSpec.from_dict(_load_spec(args.spec) if args.spec else {})
     store = _store()
     progress = Progress(spec, args.run)
     signal.signal(signal.SIGTERM, _interrupt)
-    status = coordinate(
-        store, args.run, spec, on_change=progress.update, heartbeat_timeout=args.heartbeat_timeout
+    sink = StoreSink(store, args.run, on_change=progress.update)
+    status = drive(
+        store, args.run, spec, sink, sleeping(), heartbeat_timeout=args.heartbeat_timeout
     )
     print(json.dumps(status.to_dict()["history"][-1:], indent=1) if status.history else "")
     print(f"run {args.run}: {status.phase}: {status.message}")
@@ -585,7 +591,7 @@ def cmd_init(args) -> int:
 
 
 def cmd_check_data(args) -> int:
-    from alliance.data import validate_data_dir
+    from alliance.data.datadir import validate_data_dir
 
     summary = validate_data_dir(args.data_dir, _schema(args.schema))
     print(f"{args.data_dir}: OK")
@@ -600,7 +606,7 @@ def cmd_check_data(args) -> int:
 
 
 def cmd_split(args) -> int:
-    from alliance.local import split_dataset
+    from alliance.data.split import split_dataset
 
     dirs = split_dataset(
         args.train, args.test, args.out, args.members, args.split, args.alpha, args.seed or 0
@@ -615,8 +621,8 @@ def cmd_predict(args) -> int:
 
     import numpy as np
 
-    from alliance.data import read_features_csv
-    from alliance.local import load_status
+    from alliance.data.parse import read_features_csv
+    from alliance.engine import RunStatus
     from alliance.s3server import S3Server
     from alliance.store import Store
 
@@ -630,8 +636,9 @@ def cmd_predict(args) -> int:
         if model_id is None:
             if not args.run:
                 raise ValueError("give --model ID or --run NAME")
-            status = load_status(store, args.run)
-            if status is None or not status.model_id:
+            saved = store.get_run_status(args.run)
+            status = saved and RunStatus.from_dict(saved)
+            if not status or not status.model_id:
                 raise ValueError(f"run {args.run!r} has no model in this store")
             model_id = status.model_id
         arrays = store.get_model(model_id)
@@ -647,7 +654,7 @@ def cmd_predict(args) -> int:
         from alliance.trainers import KerasTrainer
 
         schema = _schema(args.schema)
-        x = read_features_csv(args.input, schema)
+        x, truth = read_features_csv(args.input, schema)  # truth: the file's labels, if any
         keras_model = model_mod.build(store.get_alliance()["model"], store)
         probs = KerasTrainer(keras_model, args.input.parent, schema).predict(arrays, x)
     labels = probs.argmax(axis=1)
@@ -657,21 +664,9 @@ def cmd_predict(args) -> int:
         args.output, index=False
     )
     print(f"wrote {len(labels)} predictions to {args.output} (model {model_id[:12]})")
-    truth = _labels_if_any(args.input, schema)
     if truth is not None:
         print(f"accuracy against the file's labels: {float(np.mean(truth == labels)):.4f}")
     return 0
-
-
-def _labels_if_any(path: Path, schema):
-    import pandas as pd
-
-    header = pd.read_csv(path, nrows=0, sep=schema.delimiter).columns
-    if schema.label_column not in header:
-        return None
-    return pd.read_csv(path, usecols=[schema.label_column], sep=schema.delimiter)[
-        schema.label_column
-    ].to_numpy()
 
 
 if __name__ == "__main__":

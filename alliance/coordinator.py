@@ -26,7 +26,7 @@ from alliance.engine import (
     RunSpec,
     RunStatus,
 )
-from alliance.store import Store, StoreError, result_key, run_key
+from alliance.store import Store, StoreError, result_key
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class Coordinator:
             validations = self._fetch(status.round, "validations", found["validations"])
         aggregate = None
         if status.stage == engine.Stage.AGGREGATING:
-            saved = self.store.get_round_json(self.run, status.round, "aggregate.json")
+            saved = self.store.get_aggregate(self.run, status.round)
             aggregate = AggregateResult.from_dict(saved) if saved else None
         return Observed(
             now=now,
@@ -201,7 +201,7 @@ class Coordinator:
 
     def aggregate(self, action: Aggregate) -> AggregateResult:
         """Aggregate a round's updates once; a repeat returns the stored result."""
-        saved = self.store.get_round_json(self.run, action.round, "aggregate.json")
+        saved = self.store.get_aggregate(self.run, action.round)
         if saved is not None:
             return AggregateResult.from_dict(saved)
         started = time.perf_counter()
@@ -271,7 +271,7 @@ class Coordinator:
                 # aggregating the updates (not the write of aggregate.json below).
                 aggregation_seconds=time.perf_counter() - started,
             )
-        self.store.put_round_json(self.run, action.round, "aggregate.json", result.to_dict())
+        self.store.put_aggregate(self.run, action.round, result.to_dict())
         log.info(
             "round %d: aggregated %d updates (%d rejected, %d bytes) in %.2f s",
             action.round,
@@ -299,20 +299,3 @@ def _prefetch(
 
 def _member_of(key: str) -> str:
     return key.rsplit("/", 1)[-1].removesuffix(".json")
-
-
-def pin_spec(store: Store, run: str, spec: RunSpec) -> RunSpec:
-    """The spec a run keeps for its whole life: the one it started with.
-
-    The first call stores ``spec``; later calls (a resumed runner, an edited TrainingRun)
-    return the stored one, so a run never changes its rules halfway. Whether ``spec`` differs
-    from the pinned one can be told by comparing the two.
-    """
-    saved = store.get_json(run_key(run, "spec.json"))
-    if saved is not None:
-        pinned = RunSpec.from_dict(saved)
-        if pinned != spec:
-            log.warning("run %s exists: it keeps the spec it started with", run)
-        return pinned
-    store.put_json(run_key(run, "spec.json"), spec.to_dict())
-    return spec

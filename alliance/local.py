@@ -1,16 +1,15 @@
 """The embedded runner: a whole alliance on one machine, no cluster.
 
 A real S3 server (``alliance.s3server``), N member agents as local processes, each with its own
-data directory, and the same coordinator and engine the Kubernetes operator drives. The run's
-status is persisted in the store after every change, so ``alliance run --resume`` (or simply
-running again with the same ``--run``) continues where a stopped run left off.
+data directory. The run itself is driven by ``alliance.driver.drive``, the loop the Kubernetes
+operator runs too, with its status in the store, so ``alliance run --resume`` (or simply running
+again with the same ``--run``) continues where a stopped run left off.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import gzip
 import logging
 import os
 import signal
@@ -21,73 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from alliance.coordinator import Coordinator, pin_spec
-from alliance.engine import Phase, RunSpec, RunStatus
+from alliance import contract
 from alliance.s3server import S3Server
-from alliance.store import Store, heartbeat_key, run_key
+from alliance.store import Store, heartbeat_key
 
 log = logging.getLogger(__name__)
-
-
-# --- splitting a dataset into member directories ------------------------------------------
-
-
-def _read_lines(path: Path) -> list[str]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", newline="") as f:
-        return f.read().splitlines()
-
-
-def split_labels(
-    labels: np.ndarray, members: int, mode: str = "iid", alpha: float = 0.5, seed: int = 0
-) -> list[np.ndarray]:
-    """Row indices per member. IID: a seeded shuffle cut in equal parts. Dirichlet: for each
-    class, its rows are shared out in proportions drawn from Dir(alpha) (smaller alpha, more
-    skew), the usual way to simulate non-IID members."""
-    rng = np.random.default_rng(seed)
-    if mode == "iid":
-        return [np.sort(part) for part in np.array_split(rng.permutation(len(labels)), members)]
-    if mode != "dirichlet":
-        raise ValueError(f"split mode must be 'iid' or 'dirichlet', got {mode!r}")
-    parts: list[list[int]] = [[] for _ in range(members)]
-    for cls in np.unique(labels):
-        rows = rng.permutation(np.flatnonzero(labels == cls))
-        cuts = (np.cumsum(rng.dirichlet([alpha] * members)) * len(rows)).astype(int)[:-1]
-        for i, chunk in enumerate(np.split(rows, cuts)):
-            parts[i].extend(chunk.tolist())
-    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
-
-
-def split_dataset(
-    train: Path,
-    test: Path | None,
-    out_dir: Path,
-    members: int,
-    mode: str = "iid",
-    alpha: float = 0.5,
-    seed: int = 0,
-    label_column: str = "label",
-) -> list[Path]:
-    """Write ``member-<i>/train.csv`` (and ``test.csv``) under ``out_dir``; returns the dirs.
-
-    Rows are copied as text, byte for byte; nothing is re-encoded.
-    """
-    dirs = [out_dir / f"member-{i + 1}" for i in range(members)]
-    for split, path in (("train", train), ("test", test)):
-        if path is None:
-            continue
-        header, *rows = _read_lines(Path(path))
-        col = header.split(",").index(label_column)
-        labels = np.array([int(r.split(",", col + 1)[col]) for r in rows])
-        parts = split_labels(labels, members, mode, alpha, seed if split == "train" else seed + 1)
-        for d, idx in zip(dirs, parts, strict=True):
-            d.mkdir(parents=True, exist_ok=True)
-            with open(d / f"{split}.csv", "w", newline="") as f:
-                f.write(header + "\n")
-                f.writelines(rows[i] + "\n" for i in idx)
-    return dirs
 
 
 # --- member processes --------------------------------------------------------------------
@@ -106,7 +43,7 @@ class MemberProcess:
     process: subprocess.Popen
     env: dict[str, str]
     log_path: Path
-    extra_args: list[str] | None = None
+    train_command: str | None = None  # the member's own, instead of the built-in Keras code
     restarts: int = 0
 
     @property
@@ -119,24 +56,13 @@ def start_member(
     data_dir: Path,
     env: dict[str, str],
     log_path: Path,
-    extra_args: list[str] | None = None,
+    train_command: str | None = None,
 ) -> MemberProcess:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     out = open(log_path, "ab")  # noqa: SIM115 (owned by the child)
+    args = contract.member_args(name, data_dir, log_level="info", train_command=train_command)
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "alliance",
-            "--log-level",
-            "info",
-            "member",
-            "--name",
-            name,
-            "--data-dir",
-            str(data_dir),
-            *(extra_args or []),
-        ],
+        [sys.executable, "-m", "alliance", *args],
         env={**os.environ, **env},
         stdout=out,
         stderr=subprocess.STDOUT,
@@ -144,7 +70,7 @@ def start_member(
         start_new_session=True,
         preexec_fn=_die_with_parent,
     )
-    return MemberProcess(name, data_dir, proc, env, log_path, extra_args)
+    return MemberProcess(name, data_dir, proc, env, log_path, train_command)
 
 
 def stop_processes(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
@@ -163,58 +89,11 @@ def stop_processes(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
 # --- the run ------------------------------------------------------------------------------
 
 
-def load_status(store: Store, run: str) -> RunStatus | None:
-    saved = store.get_json(run_key(run, "status.json"))
-    return None if saved is None else RunStatus.from_dict(saved)
-
-
-def coordinate(
-    store: Store,
-    run: str,
-    spec: RunSpec,
-    on_change: Callable[[RunStatus], None] = lambda s: None,
-    lost_members: Callable[[], set[str]] | None = None,
-    poll_seconds: float = 0.05,
-    heartbeat_timeout: float = 60.0,
-) -> RunStatus:
-    """Drive a run to its end, persisting its status in the store after every change."""
-    spec = pin_spec(store, run, spec)
-    coordinator = Coordinator(
-        store, run, spec, lost_members=lost_members, heartbeat_timeout=heartbeat_timeout
-    )
-    status = load_status(store, run) or RunStatus()
-    shown = saved = status.to_dict()
-    saved_at = time.monotonic()
-    on_change(status)
-    while status.phase not in (Phase.COMPLETED, Phase.FAILED):
-        status = coordinator.reconcile(status)
-        current = status.to_dict()
-        if current != shown:
-            on_change(status)
-            shown = current
-        # Every decision is persisted at once; a change of the progress message alone (one
-        # more member answered) at most once a second: it carries nothing a resume needs.
-        if _without_message(current) != _without_message(saved) or (
-            current != saved and time.monotonic() - saved_at >= 1.0
-        ):
-            store.put_json(run_key(run, "status.json"), current)
-            saved, saved_at = current, time.monotonic()
-        if status.phase not in (Phase.COMPLETED, Phase.FAILED):
-            time.sleep(poll_seconds)
-    return status
-
-
-def _without_message(status: dict) -> dict:
-    return {k: v for k, v in status.items() if k != "message"}
-
-
 def init_in_subprocess(
     env: dict[str, str], log_path: Path, keras_file: Path | None, seed: int
 ) -> subprocess.Popen:
     """Create the seed model in a child, so the runner itself never imports TensorFlow."""
-    args = [sys.executable, "-m", "alliance", "init", "--seed", str(seed)]
-    if keras_file:
-        args += ["--model", str(keras_file)]
+    args = [sys.executable, "-m", "alliance", *contract.init_args(seed, model_file=keras_file)]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     out = open(log_path, "ab")  # noqa: SIM115
     return subprocess.Popen(
@@ -251,24 +130,16 @@ class LocalAlliance:
     def env(self, threads: int) -> dict[str, str]:
         return {
             **self.server.config.to_env(),
-            "ALLIANCE_CPU_THREADS": str(threads),
-            "ALLIANCE_CACHE_DIR": str(self.work_dir / "cache"),
+            contract.ENV_CPU_THREADS: str(threads),
+            contract.ENV_CACHE_DIR: str(self.work_dir / "cache"),
             "TF_CPP_MIN_LOG_LEVEL": "2",
             "PYTHONUNBUFFERED": "1",
         }
 
-    def start_members(
-        self, dirs: list[Path], threads: int, extra_args: list[str] | None = None
-    ) -> None:
+    def start_members(self, dirs: list[Path], threads: int) -> None:
         for d in dirs:
             self.members.append(
-                start_member(
-                    d.name,
-                    d,
-                    self.env(threads),
-                    self.work_dir / "logs" / f"{d.name}.log",
-                    extra_args,
-                )
+                start_member(d.name, d, self.env(threads), self.work_dir / "logs" / f"{d.name}.log")
             )
 
     def wait_until_ready(
@@ -308,7 +179,7 @@ class LocalAlliance:
                 self.max_restarts,
                 m.log_path,
             )
-            again = start_member(m.name, m.data_dir, m.env, m.log_path, m.extra_args)
+            again = start_member(m.name, m.data_dir, m.env, m.log_path, m.train_command)
             again.restarts = m.restarts + 1
             self.members[i] = again
         return self.lost()

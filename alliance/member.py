@@ -23,10 +23,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alliance import data as data_mod
+from alliance import contract, weights
 from alliance import metrics as metrics_mod
-from alliance import weights
-from alliance.data import DataError, DataSchema
+from alliance.data.datadir import validate_data_dir
+from alliance.data.errors import DataError
+from alliance.data.schema import DataSchema
 from alliance.store import Store, StoreError, result_key
 from alliance.trainers import CommandTrainer, KerasTrainer, TaskError, Trainer
 
@@ -38,8 +39,8 @@ CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
 def cpu_threads(cpu_max: Path = CGROUP_CPU_MAX) -> int:
     """This member's CPU share: ALLIANCE_CPU_THREADS, else the cgroup CPU limit, else all."""
-    if os.environ.get("ALLIANCE_CPU_THREADS"):
-        return max(1, int(os.environ["ALLIANCE_CPU_THREADS"]))
+    if os.environ.get(contract.ENV_CPU_THREADS):
+        return max(1, int(os.environ[contract.ENV_CPU_THREADS]))
     try:  # cgroup v2: "max 100000" or "<quota> <period>"; a pod's CPU limit lands here
         quota, period = cpu_max.read_text().split()
         if quota != "max":
@@ -146,7 +147,7 @@ class Agent:
         """Validate the local data before taking any work: the ready state, or None after
         publishing the exact error."""
         try:
-            summary = data_mod.validate_data_dir(
+            summary = validate_data_dir(
                 self.config.data_dir,
                 self.config.schema,
                 cache_dir=self.config.cache_dir,

@@ -45,15 +45,10 @@ import urllib3
 from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
 
-from alliance import weights
+from alliance import contract, weights
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-ENV_ENDPOINT = "ALLIANCE_S3_ENDPOINT"
-ENV_ACCESS_KEY = "ALLIANCE_S3_ACCESS_KEY"
-ENV_SECRET_KEY = "ALLIANCE_S3_SECRET_KEY"
-ENV_BUCKET = "ALLIANCE_BUCKET"
 
 _NOT_FOUND = {"NoSuchKey", "NoSuchObject", "ResourceNotFound"}
 
@@ -76,23 +71,27 @@ class StoreConfig:
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> StoreConfig:
         env = os.environ if env is None else env
-        missing = [
-            k for k in (ENV_ENDPOINT, ENV_ACCESS_KEY, ENV_SECRET_KEY, ENV_BUCKET) if not env.get(k)
-        ]
+        names = (  # in the order of the fields
+            contract.ENV_S3_ENDPOINT,
+            contract.ENV_S3_ACCESS_KEY,
+            contract.ENV_S3_SECRET_KEY,
+            contract.ENV_BUCKET,
+        )
+        missing = [k for k in names if not env.get(k)]
         if missing:
             raise StoreError(
                 "the object store is not configured: set "
                 + ", ".join(missing)
                 + " (there are no default credentials)"
             )
-        return cls(env[ENV_ENDPOINT], env[ENV_ACCESS_KEY], env[ENV_SECRET_KEY], env[ENV_BUCKET])
+        return cls(*(env[k] for k in names))
 
     def to_env(self) -> dict[str, str]:
         return {
-            ENV_ENDPOINT: self.endpoint,
-            ENV_ACCESS_KEY: self.access_key,
-            ENV_SECRET_KEY: self.secret_key,
-            ENV_BUCKET: self.bucket,
+            contract.ENV_S3_ENDPOINT: self.endpoint,
+            contract.ENV_S3_ACCESS_KEY: self.access_key,
+            contract.ENV_S3_SECRET_KEY: self.secret_key,
+            contract.ENV_BUCKET: self.bucket,
         }
 
 
@@ -130,7 +129,9 @@ class Store:
     def __init__(self, config: StoreConfig, retry_seconds: float = 120.0, workers: int = 16):
         url = urlparse(config.endpoint if "://" in config.endpoint else "http://" + config.endpoint)
         if not url.netloc:
-            raise StoreError(f"{ENV_ENDPOINT}={config.endpoint!r} is not a host:port or URL")
+            raise StoreError(
+                f"{contract.ENV_S3_ENDPOINT}={config.endpoint!r} is not a host:port or URL"
+            )
         # Our own retry loop handles outages; the client's pool only retries nothing, so a
         # request never hangs for minutes inside urllib3.
         http = urllib3.PoolManager(
@@ -424,11 +425,27 @@ class Store:
             for kind in kinds
         }
 
-    def get_round_json(self, run: str, round_: int, name: str) -> dict | None:
-        return self.get_json(round_prefix(run, round_) + name)
+    def get_aggregate(self, run: str, round_: int) -> dict | None:
+        """A round's aggregation result (written once: the new model's id, who was accepted)."""
+        return self.get_json(round_prefix(run, round_) + "aggregate.json")
 
-    def put_round_json(self, run: str, round_: int, name: str, obj: dict) -> None:
-        self.put_json(round_prefix(run, round_) + name, obj)
+    def put_aggregate(self, run: str, round_: int, result: dict) -> None:
+        self.put_json(round_prefix(run, round_) + "aggregate.json", result)
+
+    # --- a run's own objects: the spec it keeps for its life, its status where no resource
+    # holds it (the embedded runner, `alliance coordinate`)
+
+    def get_run_spec(self, run: str) -> dict | None:
+        return self.get_json(run_key(run, "spec.json"))
+
+    def put_run_spec(self, run: str, spec: dict) -> None:
+        self.put_json(run_key(run, "spec.json"), spec)
+
+    def get_run_status(self, run: str) -> dict | None:
+        return self.get_json(run_key(run, "status.json"))
+
+    def put_run_status(self, run: str, status: dict) -> None:
+        self.put_json(run_key(run, "status.json"), status)
 
 
 def _transient_s3(exc: S3Error) -> bool:

@@ -32,7 +32,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from alliance import weights
-from alliance.data import DataSchema, load_split
+from alliance.data.datadir import load_split
+from alliance.data.schema import DataSchema
 
 
 class TaskError(RuntimeError):

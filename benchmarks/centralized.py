@@ -25,7 +25,7 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-    from alliance.data import load_split
+    from alliance.data.datadir import load_split
 
     started = time.perf_counter()
     train = load_split(args.data_dir, "train", cache_dir=args.cache_dir)

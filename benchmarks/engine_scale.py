@@ -8,7 +8,7 @@ compete with the coordinator's for this process's GIL: it writes each member's h
 task, writes every addressed member's update (``store.put_update``, the model plus a
 member-specific offset) or validation (``store.put_result(..., "validations", ...)``) through
 a pool of 32 threads. This process drives ``Coordinator.reconcile`` in the loop of
-``alliance.local.coordinate`` (persisting the status after every change, sleeping 50 ms when
+``alliance.driver.drive`` (persisting the status after every change, sleeping 50 ms when
 nothing changed) for 3 rounds of FedAvg over all 1,000 members.
 
 Reported per round: the seconds spent inside ``reconcile`` calls (observe + step + execute,
@@ -46,7 +46,7 @@ ROUNDS = 3
 TARGET = 10.0  # seconds of orchestration per round
 HEARTBEAT_SECONDS = 20.0  # the coordinator's heartbeat timeout is 60 s
 SIM_THREADS = 32
-POLL_SECONDS = 0.05  # as alliance.local.coordinate
+POLL_SECONDS = 0.05  # as alliance.driver.drive
 RUN_TIMEOUT = 300.0
 
 
@@ -93,7 +93,7 @@ def _instrumented(store, run: str, spec) -> tuple[Any, _Timings]:
     t.wrap(coordinator, "_members", "observe: heartbeats")
     t.wrap(coordinator, "_fetch", "observe: read results")
     t.wrap(store, "list_round", "observe: list round")
-    t.wrap(store, "get_round_json", "observe: aggregate.json")
+    t.wrap(store, "get_aggregate", "observe: aggregate.json")
     original = coordinator.execute
 
     def execute(action):
@@ -119,7 +119,7 @@ def _instrumented(store, run: str, spec) -> tuple[Any, _Timings]:
 
 
 def drive(store, run: str, spec, profiler: cProfile.Profile | None = None):
-    """``alliance.local.coordinate``'s loop, timing each ``reconcile`` by the round it is in."""
+    """``alliance.driver.drive``'s loop, timing each ``reconcile`` by the round it is in."""
     from alliance.engine import Phase, RunStatus
 
     store.put_json(f"runs/{run}/spec.json", spec.to_dict())

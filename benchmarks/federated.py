@@ -4,7 +4,7 @@
     (so the round's example-weighted accuracy is the accuracy on the whole test set), 1 local
     epoch, batch 32, FedAvg, 3 rounds, through the real embedded runner: the S3 gateway, 3
     member agent processes with ALLIANCE_CPU_THREADS = cores // 3 (at least 1), and the
-    coordinator in this process through ``alliance.local.coordinate``. Before the run, each
+    coordinator in this process through ``alliance.driver.drive``. Before the run, each
     member's data is parsed once by ``alliance check-data`` with the members' ALLIANCE_CACHE_DIR,
     so the agents read the parse cache; round 1 is still reported apart from rounds 2-3 because
     each agent imports TensorFlow and builds its model on its first task. Then, in a separate
@@ -55,8 +55,10 @@ def run(work: Path, with_centralized: bool = True) -> tuple[Result, Result]:
     b = Result("9b", "orchestration overhead per round")
     train_file, test_file = mnist_files()  # raises Skip
 
+    from alliance.data.split import split_dataset
+    from alliance.driver import StoreSink, drive, sleeping
     from alliance.engine import RunSpec
-    from alliance.local import LocalAlliance, coordinate, init_in_subprocess, split_dataset
+    from alliance.local import LocalAlliance, init_in_subprocess
 
     threads = max(1, cores() // MEMBERS)
     started = time.perf_counter()
@@ -119,9 +121,8 @@ def run(work: Path, with_centralized: bool = True) -> tuple[Result, Result]:
                 return local.lost()
 
             try:
-                status = coordinate(
-                    local.store, RUN, spec, on_change=_Progress(), lost_members=lost
-                )
+                sink = StoreSink(local.store, RUN, on_change=_Progress())
+                status = drive(local.store, RUN, spec, sink, sleeping(), lost=lost)
                 init.wait()
             finally:
                 if init.poll() is None:  # the run failed before the seed model was written

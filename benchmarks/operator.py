@@ -3,16 +3,21 @@
 The same measure as 9b (round wall time - slowest member's fit - slowest validator's evaluate),
 but with the operator as its own process against the test API server (tests/kube/apiserver.py),
 member pods run as local processes by the kubelet stand-in, a real S3 gateway and real
-TensorFlow: what the operator's timer, its API reads and its status writes add to a round.
-Three members with 2,000 rows of the shipped sample each; 4 rounds of 1 local epoch; with
-operator TrainingRun intervals of 1 s, 0.5 s (the default) and 0.25 s.
+TensorFlow: what the operator's TrainingRun daemon, its API reads and its status writes add to
+a round. Three members with 2,000 rows of the shipped sample each; 4 rounds of 1 local epoch;
+the operator's run interval (how often the daemon looks at the store) at its default, the
+embedded runner's pace (alliance.driver.POLL_SECONDS). Set BENCH_9E_INTERVALS (seconds,
+comma-separated) to compare others.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from pathlib import Path
+
+from alliance_operator.config import OperatorConfig
 
 from alliance.s3server import S3Server
 from benchmarks.common import Result, say
@@ -20,7 +25,9 @@ from benchmarks.common import Result, say
 MEMBERS = ("bench-a", "bench-b", "bench-c")
 ROWS, TEST_ROWS = 2000, 500
 ROUNDS = 4
-INTERVALS = (1.0, 0.5, 0.25)
+INTERVALS = tuple(
+    float(v) for v in os.environ.get("BENCH_9E_INTERVALS", "").split(",") if v.strip()
+) or (OperatorConfig().run_interval,)
 
 
 def run(work: Path) -> Result:
@@ -107,6 +114,7 @@ def _report(result: Result, interval: float, status: dict, wall: float) -> None:
         f"{mean:.2f} s (rounds 2-{len(rounds)}; each: {', '.join(f'{o:.2f}' for o in overheads)})",
         value=mean,
     )
+    result.row(f"overhead of round 1, run interval {interval:g} s", f"{overheads[0]:.2f} s")
 
 
 def _ready(member: dict | None) -> bool:

@@ -32,7 +32,7 @@ EPILOG = """\
 benchmarks:
   9a  A real embedded alliance (alliance.local: S3 gateway, 3 member agent processes with
       ALLIANCE_CPU_THREADS = cores // 3, the coordinator in this process via
-      alliance.local.coordinate) on the full MNIST set from ../shared/data/mnist: each member
+      alliance.driver.drive) on the full MNIST set from ../shared/data/mnist: each member
       has an IID third of the 60,000 training rows and of the 10,000 test rows, so the round
       accuracy is the accuracy on the whole test set; 1 local epoch, batch 32, FedAvg,
       3 rounds. The members' data is parsed (cache warmed with `alliance check-data` and the
@@ -52,16 +52,17 @@ benchmarks:
       against the exact weighted mean. Target: peak memory does not grow with K.
   9d  The coordinator and engine alone, no TensorFlow: a real S3 gateway, 1,000 members
       simulated by one child process (heartbeats, and an update or validation for each task
-      addressed to them), 3 rounds driven by Coordinator.reconcile in alliance.local's loop.
+      addressed to them), 3 rounds driven by Coordinator.reconcile in alliance.driver's loop.
       Per round: seconds inside reconcile (observe + step + execute, with a breakdown), the
       round wall time, and the coordinator's time on the critical path. Target: <= 10 s of
       orchestration per round; when over, one more round is profiled with cProfile.
 
   9e  The operator as its own process against the test API server (tests/kube/apiserver.py),
       member pods run as local processes by the kubelet stand-in, a real S3 gateway, real
-      TensorFlow: 3 members x 2,000 rows of the shipped sample, 4 rounds of 1 local epoch, with
-      the operator's TrainingRun interval at 1 s, 0.5 s (the default) and 0.25 s. Per round,
-      as 9b: wall time - slowest fit - slowest evaluate.
+      TensorFlow: 3 members x 2,000 rows of the shipped sample, 4 rounds of 1 local epoch, the
+      TrainingRun driven by the operator's daemon (alliance.driver.drive, as 9a/9b) at its
+      default run interval (BENCH_9E_INTERVALS=0.1,0.05 compares others). Per round, as 9b:
+      wall time - slowest fit - slowest evaluate. Target: <= 9b + 0.05 s, round 1 likewise.
 
 Results: a Markdown table on stdout (paste it into the README) and every number, with the
 per-round details, in benchmarks/results.json. Timings depend on what else the machine runs.

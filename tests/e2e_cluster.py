@@ -44,7 +44,6 @@ KUBECTL = BIN / "kubectl"
 
 #: Fast reconcile intervals: the tests wait on the operator, not on its timers.
 OPERATOR_ENV = {
-    "ALLIANCE_OPERATOR_RUN_INTERVAL": "0.5",
     "ALLIANCE_OPERATOR_MEMBER_INTERVAL": "1",
     "ALLIANCE_OPERATOR_ALLIANCE_INTERVAL": "1",
     "ALLIANCE_OPERATOR_HEARTBEAT_TIMEOUT": "30",

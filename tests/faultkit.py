@@ -23,7 +23,7 @@ import yaml
 
 from alliance import weights
 from alliance.engine import RunStatus
-from alliance.local import MemberProcess, load_status, start_member, stop_processes
+from alliance.local import MemberProcess, start_member, stop_processes
 from alliance.s3server import S3Server
 from alliance.store import Store
 
@@ -146,8 +146,10 @@ class Alliance:
             "PYTHONUNBUFFERED": "1",
         }
 
-    def start_member(self, name: str, data_dir: Path, *extra: str) -> MemberProcess:
-        member = start_member(name, data_dir, self.env(), self.logs / f"{name}.log", list(extra))
+    def start_member(
+        self, name: str, data_dir: Path, train_command: str | None = None
+    ) -> MemberProcess:
+        member = start_member(name, data_dir, self.env(), self.logs / f"{name}.log", train_command)
         self.procs.append(member.process)
         self.members[name] = member
         return member
@@ -230,7 +232,8 @@ class Alliance:
             time.sleep(poll)
 
     def status(self, run: str) -> RunStatus | None:
-        return load_status(self.store, run)
+        saved = self.store.get_run_status(run)
+        return None if saved is None else RunStatus.from_dict(saved)
 
     def wait_status(
         self,

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from alliance import weights
+from alliance import contract, weights
 from alliance.coordinator import Coordinator
 from alliance.engine import Phase, RunSpec, RunStatus
 from alliance.member import Agent, AgentConfig, cpu_threads
@@ -212,9 +212,9 @@ def test_a_restarted_member_does_not_redo_a_stored_update(alliance, tmp_path):
 def test_cpu_threads_follow_the_environment_then_the_pods_cpu_limit(monkeypatch, tmp_path):
     cpu_max = tmp_path / "cpu.max"
     cpu_max.write_text("250000 100000\n")  # a pod with limits.cpu: 2.5
-    monkeypatch.setenv("ALLIANCE_CPU_THREADS", "3")
+    monkeypatch.setenv(contract.ENV_CPU_THREADS, "3")
     assert cpu_threads(cpu_max) == 3
-    monkeypatch.delenv("ALLIANCE_CPU_THREADS")
+    monkeypatch.delenv(contract.ENV_CPU_THREADS)
     assert cpu_threads(cpu_max) == 2
     cpu_max.write_text("50000 100000\n")  # half a core: still one thread
     assert cpu_threads(cpu_max) == 1

@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from alliance.local import load_status
+from alliance.engine import RunStatus
 from alliance.s3server import S3Server
 from alliance.store import Store
 
@@ -155,7 +155,7 @@ def test_ctrl_c_stops_everything_and_the_run_resumes(tmp_path, small_dataset):
     rounds = [int(row.split()[0]) for row in table.strip().splitlines()[1:4]]
     assert rounds == [1, 2, 3]
     with S3Server(work / "s3") as server:
-        status = load_status(Store(server.config), "r")
+        status = RunStatus.from_dict(Store(server.config).get_run_status("r"))
     # Round 1 is the one finished before Ctrl-C, not a repeat.
     assert status.history[0].finished_at < interrupted_at < status.history[1].finished_at
 

@@ -7,8 +7,8 @@ import pytest
 
 from alliance import weights
 from alliance.coordinator import Coordinator
+from alliance.driver import StoreSink, drive, sleeping
 from alliance.engine import Phase, RunSpec, RunStatus, Stage
-from alliance.local import coordinate, load_status
 
 RUN = "r1"
 
@@ -85,7 +85,7 @@ def test_a_round_end_to_end_through_the_store(alliance):
     # The bytes aggregated are the three updates' as stored; the time is the coordinator's.
     sizes = sum(len(store.get_update(RUN, 1, m)[0]) for m in "abc")
     assert record.update_bytes == sizes == 3 * len(weights.dumps(model(1.0)))
-    saved = store.get_round_json(RUN, 1, "aggregate.json")
+    saved = store.get_aggregate(RUN, 1)
     assert saved["updateBytes"] == sizes
     assert 0 < record.aggregation_seconds == saved["aggregationSeconds"] < 30
     assert store.get_json(f"tasks/{RUN}.json") is None  # withdrawn
@@ -186,17 +186,60 @@ def test_a_restarted_coordinator_resumes_from_the_persisted_status(alliance):
     store, _ = alliance
     spec = RunSpec(rounds=2, min_members=3, validation="none")
     status = Coordinator(store, RUN, spec).reconcile(RunStatus())
-    store.put_json(f"runs/{RUN}/status.json", status.to_dict())
+    store.put_run_status(RUN, status.to_dict())
     for m in ("a", "b", "c"):
         train(store, m, 1, 1.0, 10)
     # The coordinator "crashes": a new one picks the status up from the store.
-    status = Coordinator(store, RUN, spec).reconcile(load_status(store, RUN))
+    status = Coordinator(store, RUN, spec).reconcile(RunStatus.from_dict(store.get_run_status(RUN)))
     assert status.round == 2 and status.stage == Stage.TRAINING
     first_model = status.history[0].model_id
     for m in ("a", "b", "c"):
         train(store, m, 2, 3.0, 10)
-    status = coordinate(store, RUN, spec, poll_seconds=0.01)
+    status = drive(store, RUN, spec, StoreSink(store, RUN), sleeping(), poll_seconds=0.01)
     assert status.phase == Phase.COMPLETED
     assert [r.round for r in status.history] == [1, 2]
     assert status.history[0].model_id == first_model
     np.testing.assert_allclose(store.get_model(status.model_id)[0], 3.0)
+
+
+# --- the driver: the one run loop ------------------------------------------------------------
+
+
+def test_the_spec_follows_edits_until_round_1_then_stays_pinned(store):
+    from alliance.driver import pin_spec
+    from alliance.store import StoreError
+
+    first, edited = RunSpec(rounds=2), RunSpec(rounds=5)
+    assert pin_spec(store, RUN, first, RunStatus()) == first
+    assert pin_spec(store, RUN, edited, RunStatus()) == edited  # not started: the edit applies
+    started = RunStatus(phase=Phase.RUNNING, round=1)
+    assert pin_spec(store, RUN, RunSpec(rounds=9), started) == edited  # started: pinned
+    assert pin_spec(store, RUN, None, started) == edited  # an invalid edit: the pinned one
+    assert RunSpec.from_dict(store.get_run_spec(RUN)) == edited
+    with pytest.raises(StoreError, match=r"spec\.json is missing"):
+        pin_spec(store, "another-run", None, started)
+
+
+def test_drive_saves_every_decision_and_stops_when_told(alliance):
+    store, _ = alliance
+    seen: list[RunStatus] = []
+    sink = StoreSink(store, RUN, on_change=seen.append)
+    # One step, then stop: round 1 starts and the status is saved.
+    status = drive(store, RUN, RunSpec(rounds=1, min_members=3), sink, lambda seconds: True)
+    assert (status.phase, status.round) == (Phase.RUNNING, 1)
+    assert RunStatus.from_dict(store.get_run_status(RUN)) == status
+    assert [s.phase for s in seen] == [Phase.PENDING, Phase.RUNNING]
+    # Driven again (a restarted runner) from the saved status, to the end.
+    for m in ("a", "b", "c"):
+        train(store, m, 1, 1.0, 10)
+        validate(store, m, 1, 0.9)
+    deadline = time.monotonic() + 30
+    status = drive(
+        store,
+        RUN,
+        RunSpec(rounds=7),
+        StoreSink(store, RUN),
+        sleeping(lambda: time.monotonic() > deadline),
+    )
+    assert status.phase == Phase.COMPLETED and len(status.history) == 1  # the pinned spec
+    assert RunStatus.from_dict(store.get_run_status(RUN)) == status

@@ -29,7 +29,8 @@ import pytest
 import yaml
 
 from alliance import strategies
-from alliance.data import DataError, DataSchema
+from alliance.data.errors import DataError
+from alliance.data.schema import DataSchema
 from alliance.engine import Phase, RoundRecord, RunSpec, RunStatus, SpecError, Stage
 from tests.kube import crdschema
 

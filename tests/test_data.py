@@ -1,5 +1,6 @@
 """Tests for alliance.data: one test per validation rule (exact rule, line and column), gzip, the
-cache, the schema, and a round trip on the real MNIST test file when it is available."""
+cache, the schema, prediction input, and a round trip on the real MNIST test file when it is
+available."""
 
 from __future__ import annotations
 
@@ -13,16 +14,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from alliance import data
-from alliance.data import (
-    DataError,
-    DataSchema,
-    DataSummary,
-    find_data_file,
-    load_split,
-    read_features_csv,
-    validate_data_dir,
-)
+from alliance.data import cache, parse
+from alliance.data.datadir import DataSummary, find_data_file, load_split, validate_data_dir
+from alliance.data.errors import RULES, DataError
+from alliance.data.parse import read_features_csv
+from alliance.data.schema import DataSchema
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
@@ -34,9 +30,9 @@ HEADER = ",".join(TINY.column_names())
 def _isolated_cache(tmp_path, monkeypatch):
     """Every test gets its own disk cache and an empty in-process memo."""
     monkeypatch.setenv("ALLIANCE_CACHE_DIR", str(tmp_path / "cache"))
-    data.clear_memory_cache()
+    cache.clear_memory_cache()
     yield
-    data.clear_memory_cache()
+    cache.clear_memory_cache()
 
 
 def write(directory: Path, name: str, text: str | bytes) -> Path:
@@ -226,7 +222,7 @@ def test_non_numeric_boolean_column(tmp_path, monkeypatch):
     err = error_of(tiny_csv("1,True,3,4,5", "1,False,3,4,5"), tmp=tmp_path / "a")
     assert where(err) == ("non-numeric", 2, "1x1", 2)
     # ... also when that happens only inside one of pandas' chunks
-    monkeypatch.setattr(data, "_CHUNK_CELLS", 5)  # 1024-row chunks
+    monkeypatch.setattr(parse, "_CHUNK_CELLS", 5)  # 1024-row chunks
     rows = ["1,2,3,4,5"] * 1024 + ["1,True,3,4,5", "1,false,3,4,5"] * 512
     err = error_of(tiny_csv(*rows), tmp=tmp_path / "b")
     assert where(err) == ("non-numeric", 1026, "1x1", 2)
@@ -337,7 +333,7 @@ def test_first_error_in_file_order_wins(tmp_path, monkeypatch, block_bytes):
     """A late tokenizing error (extra cell) must not hide an earlier bad value, and vice versa;
     also through the block-by-block pass (small blocks)."""
     if block_bytes:
-        monkeypatch.setattr(data, "_BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(parse, "_BLOCK_BYTES", block_bytes)
     rows = [",".join(["1"] * 785)] * 200
     header = ",".join(DataSchema().column_names())
 
@@ -370,7 +366,7 @@ def test_first_error_in_file_order_wins(tmp_path, monkeypatch, block_bytes):
     ],
 )
 def test_errors_across_pandas_chunks(tmp_path, monkeypatch, row, bad, expected):
-    monkeypatch.setattr(data, "_CHUNK_CELLS", 5)  # 1024-row chunks
+    monkeypatch.setattr(parse, "_CHUNK_CELLS", 5)  # 1024-row chunks
     rows = ["1,2,3,4,5"] * 3000
     rows[row] = bad
     assert where(error_of(tiny_csv(*rows), tmp=tmp_path)) == expected
@@ -385,7 +381,7 @@ def test_exact_pass_without_errors_returns_the_data(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise ValueError("pandas says no")
 
-    monkeypatch.setattr(data.pd, "read_csv", refuse)
+    monkeypatch.setattr(pd, "read_csv", refuse)
     write(tmp_path, "train.csv", tiny_csv("1,2,3,4,5", '2,"3",4,5,6'))
     ds = load_split(tmp_path, "train", TINY)
     assert ds.y.tolist() == [1, 2]
@@ -403,22 +399,22 @@ def _forbid_parsing(monkeypatch):
     def forbidden(*args, **kwargs):
         raise CacheMiss("the file was read and parsed: the cache was not used")
 
-    monkeypatch.setattr(data, "_parse_file", forbidden)
-    monkeypatch.setattr(data.pd, "read_csv", forbidden)
+    monkeypatch.setattr(cache, "parse_csv", forbidden)
+    monkeypatch.setattr(pd, "read_csv", forbidden)
 
 
 def test_cache_memo_disk_and_invalidation(tmp_path, monkeypatch):
-    cache = tmp_path / "mycache"
+    cache_dir = tmp_path / "mycache"
     path = write(tmp_path / "m", "train.csv", tiny_csv("1,2,3,4,5", "2,3,4,5,6"))
-    first = load_split(path.parent, "train", TINY, cache_dir=cache)
-    assert sorted(p.suffix for p in cache.iterdir()) == [".npy", ".npz"]
+    first = load_split(path.parent, "train", TINY, cache_dir=cache_dir)
+    assert sorted(p.suffix for p in cache_dir.iterdir()) == [".npy", ".npz"]
 
     with monkeypatch.context() as m:
         _forbid_parsing(m)
-        memo = load_split(path.parent, "train", TINY, cache_dir=cache)
+        memo = load_split(path.parent, "train", TINY, cache_dir=cache_dir)
         assert memo.x is first.x  # in-process memo
-        data.clear_memory_cache()
-        disk = load_split(path.parent, "train", TINY, cache_dir=cache)
+        cache.clear_memory_cache()
+        disk = load_split(path.parent, "train", TINY, cache_dir=cache_dir)
         assert disk.x is not first.x
         assert np.array_equal(disk.x, first.x) and np.array_equal(disk.y, first.y)
         assert disk.x.shape == (2, 2, 2, 1) and disk.y.dtype == np.int64
@@ -428,13 +424,13 @@ def test_cache_memo_disk_and_invalidation(tmp_path, monkeypatch):
         f.write("3,4,5,6,7\n")
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
-    again = load_split(path.parent, "train", TINY, cache_dir=cache)
+    again = load_split(path.parent, "train", TINY, cache_dir=cache_dir)
     assert again.y.tolist() == [1, 2, 3]
-    assert len(list(cache.iterdir())) == 2
+    assert len(list(cache_dir.iterdir())) == 2
 
     # another schema is another cache entry
     other = DataSchema(feature_shape=(4,))
-    assert load_split(path.parent, "train", other, cache_dir=cache).x.shape == (3, 4)
+    assert load_split(path.parent, "train", other, cache_dir=cache_dir).x.shape == (3, 4)
 
 
 def test_error_of_an_unchanged_file_is_remembered_until_it_changes(tmp_path, monkeypatch):
@@ -456,7 +452,7 @@ def test_cache_dir_from_environment_and_unwritable_cache(tmp_path, monkeypatch):
     load_split(path.parent, "train", TINY)  # cache dir from ALLIANCE_CACHE_DIR (fixture)
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
 
-    data.clear_memory_cache()
+    cache.clear_memory_cache()
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
     ds = load_split(path.parent, "train", TINY, cache_dir=blocker / "cache")
@@ -464,13 +460,13 @@ def test_cache_dir_from_environment_and_unwritable_cache(tmp_path, monkeypatch):
 
 
 def test_corrupt_cache_file_is_ignored(tmp_path):
-    cache = tmp_path / "c"
+    cache_dir = tmp_path / "c"
     path = write(tmp_path / "m", "train.csv", tiny_csv("1,2,3,4,5"))
-    load_split(path.parent, "train", TINY, cache_dir=cache)
-    for f in cache.iterdir():
+    load_split(path.parent, "train", TINY, cache_dir=cache_dir)
+    for f in cache_dir.iterdir():
         f.write_bytes(b"not numpy")
-    data.clear_memory_cache()
-    assert load_split(path.parent, "train", TINY, cache_dir=cache).y.tolist() == [1]
+    cache.clear_memory_cache()
+    assert load_split(path.parent, "train", TINY, cache_dir=cache_dir).y.tolist() == [1]
 
 
 def test_validate_data_dir_summary_and_later_load_is_free(tmp_path, monkeypatch):
@@ -526,12 +522,23 @@ def test_validate_data_dir_summary_and_later_load_is_free(tmp_path, monkeypatch)
 
 def test_read_features_csv_with_and_without_label(tmp_path):
     with_label = write(tmp_path, "a.csv", tiny_csv("-1,255,0,0,0", ",0,255,0,0"))
-    x = read_features_csv(with_label, TINY)  # the label column is ignored
+    x, labels = read_features_csv(with_label, TINY)  # the labels are not checked
     assert x.dtype == np.float32 and x.shape == (2, 2, 2, 1)
     assert x.reshape(2, 4).tolist() == [[1, 0, 0, 0], [0, 1, 0, 0]]
+    assert labels.dtype == np.float64 and labels[0] == -1 and np.isnan(labels[1])
 
     without = write(tmp_path, "b.csv", "1x1,1x2,2x1,2x2\n0,0,0,255\n")
-    assert read_features_csv(without, TINY).reshape(1, 4).tolist() == [[0, 0, 0, 1]]
+    x, labels = read_features_csv(without, TINY)
+    assert x.reshape(1, 4).tolist() == [[0, 0, 0, 1]] and labels is None
+
+    # gzip, CR LF, the label last, quoted or not a number: the labels by the same line reading
+    odd = write(
+        tmp_path,
+        "f.csv.gz",
+        '1x1,1x2,2x1,2x2,label\r\n0,0,0,0,"7"\r\n0,0,0,0,cat\r\n0,0,0,0, 3 \r\n',
+    )
+    x, labels = read_features_csv(odd, TINY)
+    assert x.shape == (3, 2, 2, 1) and labels[[0, 2]].tolist() == [7, 3] and np.isnan(labels[1])
 
     bad = write(tmp_path, "c.csv", "1x1,1x2,2x1,2x2\n0,0,0,255\n0,0,x,0\n")
     with pytest.raises(DataError) as info:
@@ -661,7 +668,7 @@ def test_data_error_format_and_pickle():
     assert isinstance(e, ValueError)
     back = pickle.loads(pickle.dumps(e))
     assert back.to_dict() == e.to_dict() and str(back) == str(e)
-    assert set(data.RULES) >= {
+    assert set(RULES) >= {
         "missing-file",
         "empty-file",
         "missing-label-column",
@@ -691,7 +698,7 @@ def test_real_mnist_test_file_round_trip(tmp_path, monkeypatch):
     assert ds.y[:5].tolist() == [7, 2, 1, 0, 4]  # the well-known first MNIST test digits
     # a 7: the centre column of the image is inked somewhere, the corners are blank
     assert ds.x[0, :, 14, 0].max() > 0.5 and ds.x[0, 0, 0, 0] == 0.0
-    data.clear_memory_cache()
+    cache.clear_memory_cache()
     _forbid_parsing(monkeypatch)
     cached = load_split(d, "test", cache_dir=tmp_path / "c")
     assert np.array_equal(cached.x, ds.x) and np.array_equal(cached.y, ds.y)

@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from alliance import weights
-from alliance.data import DataSchema
+from alliance.data.schema import DataSchema
 from alliance.engine import Phase, Stage
 from alliance.store import Store
 
@@ -52,11 +52,11 @@ def training(round_: int):
     return lambda s: s.round == round_ and s.stage == Stage.TRAINING
 
 
-def start(a: Alliance, seed, dirs, **extra_args) -> None:
+def start(a: Alliance, seed, dirs, train_commands: dict[str, str] | None = None) -> None:
     """Adopt the seed, start a member per dir and wait until every one is ready."""
     a.adopt(*seed)
     for d in dirs:
-        a.start_member(d.name, d, *extra_args.get(d.name, ()))
+        a.start_member(d.name, d, (train_commands or {}).get(d.name))
     a.wait_states(dict.fromkeys((d.name for d in dirs), "ready"), timeout=90)
 
 
@@ -162,12 +162,12 @@ def test_a_coordinator_killed_mid_round_resumes_without_losing_or_repeating_work
                 "round 2's updates", lambda: a.store.list_round(RUN, 2)["updates"] == set(TWO), 120
             )
             assert a.status(RUN).to_dict() == frozen.to_dict()
-            assert a.store.get_round_json(RUN, 2, "aggregate.json") is None
+            assert a.store.get_aggregate(RUN, 2) is None
 
             second = a.coordinate(RUN, spec, log="coordinator-2")
             assert a.finish(second, 180) == 0, a.diagnostics()
         status = a.status(RUN)
-        aggregates = {r: a.store.get_round_json(RUN, r, "aggregate.json") for r in (1, 2, 3)}
+        aggregates = {r: a.store.get_aggregate(RUN, r) for r in (1, 2, 3)}
         stored = {r.round: a.store.get_model(r.model_id) for r in status.history}
         recomputed = {
             r.round: fedavg64(a.store, RUN, r.round, aggregates[r.round]["accepted"])
@@ -393,11 +393,11 @@ def test_a_poisoned_update_is_rejected_and_the_rounds_complete(tmp_path, member_
     }
     seed_arrays = weights.loads(seed[1])
     with Alliance(tmp_path / "work") as a:
-        start(a, seed, member_dirs, **{"member-3": ("--train-command", command)})
+        start(a, seed, member_dirs, train_commands={"member-3": command})
         coord = a.coordinate(RUN, spec)
         assert a.finish(coord, 240) == 0, a.diagnostics()
         status = a.status(RUN)
-        aggregates = {r: a.store.get_round_json(RUN, r, "aggregate.json") for r in (1, 2)}
+        aggregates = {r: a.store.get_aggregate(RUN, r) for r in (1, 2)}
         stored = {r.round: a.store.get_model(r.model_id) for r in status.history}
         honest = {r.round: fedavg64(a.store, RUN, r.round, TWO) for r in status.history}
         poisoned = {r: a.store.get_update(RUN, r, "member-3") for r in (1, 2)}

@@ -299,7 +299,7 @@ def test_the_operator_killed_mid_run_resumes_without_losing_or_repeating_a_round
     rounds = sorted({o.key.split("/")[3] for o in store.list(f"runs/{run}/rounds/")})
     assert rounds == ["00001", "00002", "00003"]
     for record in status["history"]:
-        saved = store.get_round_json(run, record["round"], "aggregate.json")
+        saved = store.get_aggregate(run, record["round"])
         assert saved["modelId"] == record["modelId"]
     assert len({r["modelId"] for r in status["history"]}) == 3
 

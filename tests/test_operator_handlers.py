@@ -37,10 +37,10 @@ from alliance_operator.constants import (
     MEMBERS,
     TRAININGRUNS,
 )
+from alliance_operator.context import Context
 from alliance_operator.handlers import alliance as alliance_handler
 from alliance_operator.handlers import member as member_handler
 from alliance_operator.handlers import trainingrun as run_handler
-from alliance_operator.handlers.common import Context
 
 from alliance import weights
 from alliance.s3server import free_port
@@ -102,6 +102,7 @@ class FakeCluster:
         self.secrets: dict[tuple[str, str], dict[str, str]] = {}
         self.custom: dict[tuple[str, str, str], dict] = {}
         self.calls: list[tuple] = []
+        self.status_patches: list[dict] = []
         #: When True, a deleted pod lingers with a deletionTimestamp until finish_deletions().
         self.graceful = False
         self._versions = itertools.count(1)
@@ -165,6 +166,12 @@ class FakeCluster:
             if (ns, pl) == (namespace, plural)
         ]
 
+    def patch_custom_status(self, namespace: str, plural: str, name: str, patch: dict) -> None:
+        self.calls.append(("patch_custom_status", namespace, plural, name))
+        kind = next(k for k, (pl, _) in KINDS.items() if pl == plural)
+        self.patch_status(kind, name, patch)
+        self.status_patches.append(copy.deepcopy(patch))
+
     # test helpers
 
     def finish_deletions(self) -> None:
@@ -225,19 +232,44 @@ class FakeCluster:
         self.custom[key] = stored
 
 
+class OneStep:
+    """kopf's stop flag for a daemon, set by the first wait: the daemon takes one step."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def __bool__(self) -> bool:
+        return self.stopped
+
+    def wait(self, seconds: float | None = None) -> bool:
+        self.stopped = True
+        return True
+
+
 class Operator:
-    """Runs the reconcilers the way main.py does, and writes their status patches back."""
+    """Runs the handlers the way main.py does, and writes their status patches back."""
 
     def __init__(self, cluster: FakeCluster, ctx: Context, events: list):
         self.cluster, self.ctx, self.events = cluster, ctx, events
 
     def reconcile(self, kind: str, name: str, body: dict | None = None) -> dict:
+        """One pass: a timer's reconcile, or one step of a TrainingRun's daemon (its loop
+        stopped after one look at the store). Returns the status patch written (merged)."""
         stored = self.cluster.get(kind, name) if body is None else body
         raw = copy.deepcopy(stored)
-        patch = KINDS[kind][1].reconcile(self.ctx, kopf.Body(raw), LOG)
-        assert raw == stored, "the reconciler modified the body kopf handed it"
-        if patch:
-            self.cluster.patch_status(kind, name, patch)
+        if kind == "TrainingRun":
+            mark = len(self.cluster.status_patches)
+            KINDS[kind][1].daemon(self.ctx, kopf.Body(raw), OneStep(), LOG)
+            patch = {}
+            for written in self.cluster.status_patches[mark:]:
+                patch = merge_patch(patch, written) | {
+                    k: None for k, v in written.items() if v is None
+                }
+        else:
+            patch = KINDS[kind][1].reconcile(self.ctx, kopf.Body(raw), LOG)
+            if patch:
+                self.cluster.patch_status(kind, name, patch)
+        assert raw == stored, "the handler modified the body kopf handed it"
         return patch
 
     def status(self, kind: str, name: str) -> dict:
@@ -268,6 +300,7 @@ def cluster(monkeypatch) -> FakeCluster:
         "read_secret",
         "get_custom",
         "list_custom",
+        "patch_custom_status",
     ):
         monkeypatch.setattr(k8s, name, getattr(fake, name))
     # Nothing may reach a real API server.
@@ -999,8 +1032,11 @@ def test_run_rounds_with_a_member_lost(op, cluster, events, federation, s3, ctx)
     assert status["stage"] == "Training"
     assert status["message"] == "round 1: training, 1 of 2 updates in"
 
-    # 3. m2's pod fails: it is lost at once, dropped from the round, which moves on.
+    # 3. m2's pod fails: the Member handler sees it (and replaces the pod); for the run it is
+    # lost at once, dropped from the round, which moves on.
     cluster.set_pod_status("m2-agent", EVICTED)
+    op.reconcile("Member", "m2")
+    assert ctx.losses.lost(NS, "mnist") == {"m2"}
     op.reconcile("TrainingRun", RUN)
     status = op.status("TrainingRun", RUN)
     (record,) = status["history"]
@@ -1037,34 +1073,12 @@ def test_run_rounds_with_a_member_lost(op, cluster, events, federation, s3, ctx)
     assert done[0] == "Normal"
     assert done[2].startswith("round 1: accuracy 0.7500, 1 members, 1 dropped, ")
     assert ("Normal", "Completed", "completed 1 rounds, accuracy 0.7500") in new
-    assert run["metadata"]["uid"] not in ctx.coordinators
 
     # 5. Terminal and the same generation: {} without a single API or store call.
     mark, seen = len(cluster.calls), len(events)
     ctx.stores.for_alliance = lambda *a: pytest.fail("the store was used")
     assert op.reconcile("TrainingRun", RUN) == {}
     assert cluster.calls[mark:] == [] and op.new_events(seen) == []
-
-
-def test_run_resumes_from_the_stored_status_not_a_stale_body(op, cluster, events, federation, s3):
-    cluster.apply("TrainingRun", RUN, run_spec())
-    stale = cluster.get("TrainingRun", RUN)  # the body before the first status patch
-    op.reconcile("TrainingRun", RUN)
-    assert op.status("TrainingRun", RUN)["phase"] == "Running"
-    before = op.status("TrainingRun", RUN)
-    seen = len(events)
-    # kopf hands over a body that predates the patch: the reconciler reads the stored one,
-    # so round 1 is not started a second time.
-    op.reconcile("TrainingRun", RUN, body=stale)
-    assert op.new_events(seen) == []
-    after = op.status("TrainingRun", RUN)
-    for key in ("phase", "round", "stage", "stageStartedAt", "startedAt", "selected"):
-        assert after[key] == before[key], key
-    assert after["history"] == before["history"]
-    # A body of another object of the same name (deleted and created again): left alone.
-    other = copy.deepcopy(stale)
-    other["metadata"]["uid"] = str(uuid.uuid4())
-    assert op.reconcile("TrainingRun", RUN, body=other) == {}
 
 
 def _started_run(op, cluster, s3, policy: str) -> str:
@@ -1081,7 +1095,6 @@ def _started_run(op, cluster, s3, policy: str) -> str:
 def test_cleanup(op, cluster, federation, s3, ctx, policy):
     store_run = _started_run(op, cluster, s3, policy)
     body = cluster.get("TrainingRun", RUN)
-    assert body["metadata"]["uid"] in ctx.coordinators
     before = {o.key for o in s3.list(f"runs/{store_run}/")}
     assert len(before) == 2  # spec.json and m1's update
     run_handler.cleanup(ctx, kopf.Body(body), LOG)
@@ -1090,7 +1103,6 @@ def test_cleanup(op, cluster, federation, s3, ctx, policy):
     assert after == (set() if policy == "Delete" else before)
     assert s3.exists(f"models/{federation['seed']}.npz")  # shared models stay
     assert s3.exists("alliance.json")
-    assert body["metadata"]["uid"] not in ctx.coordinators
 
 
 def test_cleanup_without_the_alliance_or_its_store(op, cluster, federation, s3, ctx):
@@ -1168,28 +1180,50 @@ def test_edits_apply_until_round_one_and_are_reported_ignored_after(
     assert op.new_events(seen) == []
 
 
-def test_a_pass_moves_the_run_as_soon_as_the_last_update_lands(cluster, events, federation, s3):
-    # Within one pass the store is polled every 0.1 s for up to the run interval: the round
-    # moves on when the last update arrives, not at the next pass.
-    op = Operator(
-        cluster,
-        Context.from_config(OperatorConfig(store_retry_seconds=2, run_interval=3.0)),
-        events,
-    )
+class Stopper(threading.Event):
+    """kopf's stop flag for a sync daemon: true once set, and wait() returns whether it is."""
+
+    def __bool__(self) -> bool:
+        return self.is_set()
+
+
+def test_the_daemon_moves_the_run_as_soon_as_the_last_update_lands(
+    op, cluster, ctx, events, federation, s3
+):
+    """The daemon drives the run in one loop (alliance.driver.drive): it looks at the store
+    every run_interval (0.05 s) and writes the status as the run moves, until stopped."""
     cluster.apply("TrainingRun", RUN, run_spec())
     op.reconcile("TrainingRun", RUN)
-    status = op.status("TrainingRun", RUN)
-    assert status["stage"] == "Training"
-    update(s3, status["storeRun"], "m1")
-    late = threading.Timer(0.5, update, (s3, status["storeRun"], "m2"))
-    late.start()
-    started = time.monotonic()
+    store_run = op.status("TrainingRun", RUN)["storeRun"]
+    update(s3, store_run, "m1")
+    stopped = Stopper()
+    body = kopf.Body(cluster.get("TrainingRun", RUN))
+    daemon = threading.Thread(target=run_handler.daemon, args=(ctx, body, stopped, LOG))
+    daemon.start()
+    try:
+        time.sleep(0.5)
+        assert op.status("TrainingRun", RUN)["stage"] == "Training"  # m2 still training
+        update(s3, store_run, "m2")
+        landed = time.monotonic()
+        while op.status("TrainingRun", RUN)["stage"] != "Validating":
+            assert time.monotonic() - landed < 2.0, op.status("TrainingRun", RUN)
+            time.sleep(0.01)
+        moved = time.monotonic() - landed
+    finally:
+        stopped.set()
+        daemon.join(timeout=10)
+    assert not daemon.is_alive(), "the daemon did not stop when told"
+    assert moved < 1.0, moved  # a poll (0.05 s) and the aggregation, not a timer's interval
+
+
+def test_a_member_deleted_mid_round_is_dropped_at_once(op, cluster, ctx, federation, s3):
+    # Not after the heartbeat timeout (60 s): the Member's deletion reaches the runs at once.
+    cluster.apply("TrainingRun", RUN, run_spec())
     op.reconcile("TrainingRun", RUN)
-    elapsed = time.monotonic() - started
-    late.join()
-    assert op.status("TrainingRun", RUN)["stage"] == "Validating"  # aggregated in this pass
-    assert 0.5 <= elapsed < 2.0, elapsed
-    # Nothing to wait for in a pass that has no news: it ends after the interval.
-    started = time.monotonic()
-    assert op.reconcile("TrainingRun", RUN) == {}
-    assert 2.8 <= time.monotonic() - started < 4.0
+    store_run = op.status("TrainingRun", RUN)["storeRun"]
+    update(s3, store_run, "m1")
+    member_handler.deleted(ctx, kopf.Body(cluster.get("Member", "m2")))
+    op.reconcile("TrainingRun", RUN)
+    status = op.status("TrainingRun", RUN)
+    assert status["stage"] == "Validating"
+    assert status["history"][0]["dropped"] == ["m2"] and status["validators"] == ["m1"]

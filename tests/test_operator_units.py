@@ -27,13 +27,12 @@ from alliance_operator.constants import (
     MANAGED_BY,
     TMP_MOUNT_PATH,
 )
-from alliance_operator.handlers.common import changed
 from alliance_operator.handlers.trainingrun import RUN_FIELDS, effective_spec, store_run
 from alliance_operator.podstate import PodHealth, PodState, pod_state
 from alliance_operator.resources import pods
+from alliance_operator.status import changed
 
-from alliance import cli
-from alliance import store as store_keys
+from alliance import cli, contract
 from alliance.data import DataSchema
 from alliance.engine import RunSpec, SpecError
 from tests.test_crds import KUBERNETES_VERSION, admit, example
@@ -234,10 +233,10 @@ def test_pods_are_hardened(kind, case, run_as_user):
         # The store is the only channel; the agent listens only for Prometheus scrapes.
         if kind == "member":
             assert c["ports"] == [{"name": "metrics", "containerPort": 9100, "protocol": "TCP"}]
-            assert env_of(pod)["ALLIANCE_METRICS_PORT"]["value"] == "9100"
+            assert env_of(pod)[contract.ENV_METRICS_PORT]["value"] == "9100"
         else:
             assert "ports" not in c
-            assert "ALLIANCE_METRICS_PORT" not in env_of(pod)
+            assert contract.ENV_METRICS_PORT not in env_of(pod)
     # Writable places are emptyDirs only; no hostPath, no projected token.
     for volume in spec["volumes"]:
         assert set(volume) - {"name"} <= {"emptyDir", "persistentVolumeClaim"}, volume
@@ -265,7 +264,7 @@ def test_member_pod_mounts_its_claim_read_only_at_data(case):
             assert "emptyDir" in volumes[mount["name"]], path
     assert set(mounts) == {DATA_MOUNT_PATH, CACHE_MOUNT_PATH, TMP_MOUNT_PATH}
     assert env_of(pod)["HOME"]["value"] == TMP_MOUNT_PATH
-    assert env_of(pod)["ALLIANCE_CACHE_DIR"]["value"] == CACHE_MOUNT_PATH
+    assert env_of(pod)[contract.ENV_CACHE_DIR]["value"] == CACHE_MOUNT_PATH
 
 
 @pytest.mark.parametrize("case", INIT_CASES)
@@ -281,16 +280,16 @@ def test_store_credentials_come_only_from_the_secret(kind, case):
     pod, a_spec = built(kind, case)
     env = env_of(pod)
     secret = a_spec["store"]["credentialsSecret"]
-    assert env[store_keys.ENV_ACCESS_KEY] == {
-        "name": store_keys.ENV_ACCESS_KEY,
+    assert env[contract.ENV_S3_ACCESS_KEY] == {
+        "name": contract.ENV_S3_ACCESS_KEY,
         "valueFrom": {"secretKeyRef": {"name": secret["name"], "key": secret["accessKeyKey"]}},
     }
-    assert env[store_keys.ENV_SECRET_KEY] == {
-        "name": store_keys.ENV_SECRET_KEY,
+    assert env[contract.ENV_S3_SECRET_KEY] == {
+        "name": contract.ENV_S3_SECRET_KEY,
         "valueFrom": {"secretKeyRef": {"name": secret["name"], "key": secret["secretKeyKey"]}},
     }
-    assert env[store_keys.ENV_ENDPOINT]["value"] == a_spec["store"]["endpoint"]
-    assert env[store_keys.ENV_BUCKET]["value"] == a_spec["store"]["bucket"]
+    assert env[contract.ENV_S3_ENDPOINT]["value"] == a_spec["store"]["endpoint"]
+    assert env[contract.ENV_BUCKET]["value"] == a_spec["store"]["bucket"]
     # Nothing else reaches for a Secret or carries something that looks like a credential.
     c = container(pod)
     assert "envFrom" not in c
@@ -304,8 +303,8 @@ def test_store_credentials_come_only_from_the_secret(kind, case):
 @pytest.mark.parametrize("kind,case", ALL_PODS)
 def test_cpu_threads_follow_the_cpu_limit(kind, case):
     pod, _ = built(kind, case)
-    assert env_of(pod)["ALLIANCE_CPU_THREADS"] == {
-        "name": "ALLIANCE_CPU_THREADS",
+    assert env_of(pod)[contract.ENV_CPU_THREADS] == {
+        "name": contract.ENV_CPU_THREADS,
         "valueFrom": {
             "resourceFieldRef": {"containerName": container(pod)["name"], "resource": "limits.cpu"}
         },
@@ -316,7 +315,18 @@ def test_cpu_threads_follow_the_cpu_limit(kind, case):
 def test_member_pod_args_are_what_alliance_member_accepts(case):
     pod, m_spec, _ = build_member(case)
     c = container(pod)
-    assert c["command"] == ["alliance"]
+    assert c["command"] == [contract.COMMAND]
+    # The Member's fields go through the contract's builder (whose output the parser accepts
+    # in every combination: tests/test_contract.py) ...
+    assert c["args"] == contract.member_args(
+        "hospital-a",
+        DATA_MOUNT_PATH,
+        log_level="info",
+        validator=bool(m_spec.get("validator")),
+        train_command=m_spec.get("trainCommand"),
+        validate_command=m_spec.get("validateCommand"),
+    )
+    # ... and reach the agent as they are.
     args = cli.build_parser().parse_args(c["args"])
     assert args.func is cli.cmd_member
     assert args.name == "hospital-a"
@@ -324,7 +334,7 @@ def test_member_pod_args_are_what_alliance_member_accepts(case):
     assert args.validator is bool(m_spec.get("validator"))
     assert args.train_command == m_spec.get("trainCommand")
     assert args.validate_command == m_spec.get("validateCommand")
-    assert args.schema is None  # the schema travels in ALLIANCE_DATA_SCHEMA
+    assert args.schema is None  # the schema travels in contract.ENV_DATA_SCHEMA
     assert args.log_level == "info"
 
 
@@ -332,7 +342,10 @@ def test_member_pod_args_are_what_alliance_member_accepts(case):
 def test_init_pod_args_are_what_alliance_init_accepts(case):
     pod, a_spec = build_init(case)
     c = container(pod)
-    assert c["command"] == ["alliance"]
+    assert c["command"] == [contract.COMMAND]
+    assert c["args"] == contract.init_args(
+        a_spec["seed"], log_level="info", keras_object=a_spec["model"].get("kerasObject")
+    )
     args = cli.build_parser().parse_args(c["args"])
     assert args.func is cli.cmd_init
     assert args.seed == a_spec["seed"]
@@ -344,21 +357,21 @@ def test_init_pod_args_are_what_alliance_init_accepts(case):
 def test_data_schema_reaches_the_agent(case, monkeypatch):
     pod, m_spec, _ = build_member(case)
     env = env_of(pod)
-    monkeypatch.delenv("ALLIANCE_DATA_SCHEMA", raising=False)
+    monkeypatch.delenv(contract.ENV_DATA_SCHEMA, raising=False)
     if "dataSchema" not in m_spec:
-        assert "ALLIANCE_DATA_SCHEMA" not in env
+        assert contract.ENV_DATA_SCHEMA not in env
         return
-    value = env["ALLIANCE_DATA_SCHEMA"]["value"]
+    value = env[contract.ENV_DATA_SCHEMA]["value"]
     expected = DataSchema.from_dict(m_spec["dataSchema"])
     assert DataSchema.from_dict(json.loads(value)) == expected
     # ... and the agent's own reading of the variable gives the same schema.
-    monkeypatch.setenv("ALLIANCE_DATA_SCHEMA", value)
+    monkeypatch.setenv(contract.ENV_DATA_SCHEMA, value)
     assert cli._schema(None) == expected
 
 
 def test_a_partial_data_schema_is_defaulted_by_the_crd_to_the_engine_schema():
     pod, _, _ = build_member("data-schema-partial")
-    value = json.loads(env_of(pod)["ALLIANCE_DATA_SCHEMA"]["value"])
+    value = json.loads(env_of(pod)[contract.ENV_DATA_SCHEMA]["value"])
     assert DataSchema.from_dict(value) == DataSchema(num_classes=2)
 
 

@@ -27,6 +27,18 @@ def test_the_engine_package_imports_neither_kopf_nor_kubernetes():
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
+def test_the_data_package_starts_nothing():
+    # `alliance split`, `check-data` and `predict` read data through it: none of them may load
+    # the embedded runner (it starts processes and the S3 server) or TensorFlow.
+    code = (
+        "import sys, alliance.data\n"
+        "print([m for m in ('alliance.local', 'alliance.s3server', 'tensorflow', 'keras') "
+        "if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_the_coordinator_side_does_not_load_tensorflow():
     code = (
         "import sys, alliance.cli, alliance.coordinator, alliance.local, alliance.member, "
@@ -36,6 +48,11 @@ def test_the_coordinator_side_does_not_load_tensorflow():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_agent_contract_imports_only_the_standard_library():
+    # The operator's pod builders and the embedded runner import it; neither loads TensorFlow.
+    assert imported_modules(PACKAGE / "contract.py") <= set(sys.stdlib_module_names)
 
 
 OPERATOR = Path(__file__).resolve().parents[1] / "operator" / "alliance_operator"

@@ -25,7 +25,8 @@ settings (environment):
   ALLIANCE_OPERATOR_IMAGE_PULL_POLICY   (default IfNotPresent)
   ALLIANCE_OPERATOR_RUN_AS_USER         uid of member pods (default 10001)
   ALLIANCE_OPERATOR_HEARTBEAT_TIMEOUT   seconds of silence after which a member is lost (60)
-  ALLIANCE_OPERATOR_RUN_INTERVAL        seconds between two reconciles of a run (0.5)
+  ALLIANCE_OPERATOR_RUN_INTERVAL        seconds between two looks at the store while a run
+                                        waits for its members (0.05)
   ALLIANCE_OPERATOR_MEMBER_INTERVAL     ... of a member (3)
   ALLIANCE_OPERATOR_ALLIANCE_INTERVAL   ... of an alliance (10)
   ALLIANCE_OPERATOR_STORE_RETRY_SECONDS how long one store call retries within a reconcile (5)

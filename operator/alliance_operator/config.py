@@ -23,8 +23,10 @@ class OperatorConfig:
     run_as_user: int = 10001
     #: A member whose heartbeat is older than this counts as lost (seconds).
     heartbeat_timeout: float = 60.0
-    #: How often a TrainingRun, a Member and an Alliance are reconciled (seconds).
-    run_interval: float = 0.5
+    #: How often a TrainingRun's daemon looks at the store while the run waits for its members
+    #: (the embedded runner's pace, alliance.driver.POLL_SECONDS), and how often a Member and
+    #: an Alliance are reconciled (seconds).
+    run_interval: float = 0.05
     member_interval: float = 3.0
     alliance_interval: float = 10.0
     #: How long one store call may retry before the reconcile gives up until the next tick.

@@ -126,3 +126,12 @@ def list_custom(namespace: str, plural: str) -> list[dict]:
         GROUP, VERSION, namespace, plural, _preload_content=False
     )
     return _json(response).get("items", [])
+
+
+def patch_custom_status(namespace: str, plural: str, name: str, status: dict) -> None:
+    """Merge ``status`` (a JSON merge patch of .status) into the object's status subresource:
+    a daemon's own writes, as kopf applies a daemon's patch only when it returns."""
+    api = kubernetes.client.CustomObjectsApi(_api())
+    api.patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, plural, name, {"status": status}, _preload_content=False
+    )

@@ -2,8 +2,10 @@
 
     kopf run -m alliance_operator.main --all-namespaces      (or: alliance-operator)
 
-Every resource is reconciled by a timer (level-based: read the object and the store, act,
-write status), so a restarted operator picks up exactly where the statuses say.
+Alliances and Members are reconciled by timers (level-based: read the object and the store,
+act, write status); each TrainingRun has a daemon that drives it with the engine's one loop
+(alliance/driver.py). Everything a run needs is in its status and the store, so a restarted
+operator picks up exactly where the statuses say.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from alliance_operator.constants import (
     TRAININGRUNS,
     VERSION,
 )
+from alliance_operator.context import Context
 from alliance_operator.diffbase import DigestDiffBaseStorage
 from alliance_operator.handlers import alliance, member, trainingrun
-from alliance_operator.handlers.common import Context
 
 CONFIG = OperatorConfig.from_env()
 CTX = Context.from_config(CONFIG)
@@ -42,7 +44,8 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
     # Restart a watch that went silent (a proxy dropped it) well before anyone notices.
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    settings.execution.max_workers = 20
+    # Each TrainingRun's daemon holds a thread while its run lasts; timers need some too.
+    settings.execution.max_workers = 64
     k8s.login()
     if CONFIG.metrics_port:
         metrics.serve(CONFIG.metrics_port)
@@ -63,9 +66,10 @@ def member_timer(body, patch, logger, **_) -> None:
     _apply(patch, member.reconcile(CTX, body, logger))
 
 
-@kopf.timer(GROUP, VERSION, TRAININGRUNS, interval=CONFIG.run_interval, backoff=5)
-def trainingrun_timer(body, patch, logger, **_) -> None:
-    _apply(patch, trainingrun.reconcile(CTX, body, logger))
+# One thread per TrainingRun for its whole life: it drives the run (alliance/driver.py).
+@kopf.daemon(GROUP, VERSION, TRAININGRUNS, backoff=5)
+def trainingrun_daemon(body, stopped, logger, **_) -> None:
+    trainingrun.daemon(CTX, body, stopped, logger)
 
 
 @kopf.on.delete(GROUP, VERSION, TRAININGRUNS, backoff=10, retries=30)
@@ -76,4 +80,4 @@ def trainingrun_deleted(body, logger, **_) -> None:
 # Optional: it adds no finalizer of its own (the timer's keeps the Member until kopf saw it go).
 @kopf.on.delete(GROUP, VERSION, MEMBERS, optional=True)
 def member_deleted(body, **_) -> None:
-    member.deleted(body)
+    member.deleted(CTX, body)

@@ -11,9 +11,10 @@ import kopf
 from alliance.store import StoreError
 from alliance_operator import k8s
 from alliance_operator.conditions import is_true
-from alliance_operator.handlers.common import Context, StatusUpdate
+from alliance_operator.context import Context
 from alliance_operator.podstate import PodHealth, pod_state
 from alliance_operator.resources.pods import init_pod, init_pod_name
+from alliance_operator.status import StatusUpdate
 from alliance_operator.stores import StoreUnavailable
 
 

@@ -15,9 +15,10 @@ import kopf
 from alliance.store import StoreError
 from alliance_operator import k8s, metrics
 from alliance_operator.constants import ALLIANCES, ANNOTATION_SPEC_HASH
-from alliance_operator.handlers.common import Context, StatusUpdate
+from alliance_operator.context import Context
 from alliance_operator.podstate import PodHealth, pod_state
 from alliance_operator.resources.pods import member_pod, member_pod_name
+from alliance_operator.status import StatusUpdate
 from alliance_operator.stores import StoreUnavailable
 
 
@@ -47,6 +48,7 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
     )
     pod = k8s.get_pod(namespace, pod_name)
     state = pod_state(pod)
+    ctx.losses.observe(namespace, name, spec["alliance"], state.lost)
     if state.health == PodHealth.FAILED:
         # Evicted, or exited for good: a Member always wants its agent, so replace the pod.
         kopf.warn(
@@ -150,7 +152,9 @@ def _finish(status: StatusUpdate) -> dict:
     return status.patch()
 
 
-def deleted(body: dict) -> None:
-    """The Member is being deleted: it no longer counts in its alliance's ready members."""
+def deleted(ctx: Context, body: dict) -> None:
+    """The Member is being deleted: the runs count it as lost at once, and it no longer counts
+    in its alliance's ready members."""
     meta = body["metadata"]
+    ctx.losses.member_deleted(meta["namespace"], meta["name"], body["spec"]["alliance"])
     metrics.forget_member(meta["namespace"], meta["name"], meta["uid"])

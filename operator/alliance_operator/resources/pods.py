@@ -12,7 +12,7 @@ import copy
 import hashlib
 import json
 
-from alliance import store as store_keys
+from alliance import contract
 from alliance_operator.constants import (
     ANNOTATION_SPEC_HASH,
     CACHE_MOUNT_PATH,
@@ -81,21 +81,21 @@ def labels(component: str, alliance: str, member: str | None = None) -> dict[str
 
 
 def store_env(store: dict) -> list[dict]:
-    """The store's endpoint, bucket and credentials, as the agent's ALLIANCE_* variables."""
+    """The store's endpoint, bucket and credentials, as the agent's variables."""
     secret = store["credentialsSecret"]
 
     def from_secret(key: str) -> dict:
         return {"secretKeyRef": {"name": secret["name"], "key": key}}
 
     return [
-        {"name": store_keys.ENV_ENDPOINT, "value": store["endpoint"]},
-        {"name": store_keys.ENV_BUCKET, "value": store["bucket"]},
+        {"name": contract.ENV_S3_ENDPOINT, "value": store["endpoint"]},
+        {"name": contract.ENV_BUCKET, "value": store["bucket"]},
         {
-            "name": store_keys.ENV_ACCESS_KEY,
+            "name": contract.ENV_S3_ACCESS_KEY,
             "valueFrom": from_secret(secret.get("accessKeyKey", "accessKey")),
         },
         {
-            "name": store_keys.ENV_SECRET_KEY,
+            "name": contract.ENV_S3_SECRET_KEY,
             "valueFrom": from_secret(secret.get("secretKeyKey", "secretKey")),
         },
     ]
@@ -110,7 +110,7 @@ def _runtime_env() -> list[dict]:
         # TensorFlow sizes its thread pools from this: the pod's CPU limit, not the node's
         # cores (several members on one node would otherwise oversubscribe it).
         {
-            "name": "ALLIANCE_CPU_THREADS",
+            "name": contract.ENV_CPU_THREADS,
             "valueFrom": {"resourceFieldRef": {"containerName": "agent", "resource": "limits.cpu"}},
         },
     ]
@@ -170,24 +170,25 @@ def member_pod(
     run_as_user: int = 10001,
 ) -> dict:
     """The pod of a Member's agent, bound read-only to the Member's data claim."""
-    args = ["member", "--name", member, "--data-dir", DATA_MOUNT_PATH, "--log-level", "info"]
-    if member_spec.get("validator"):
-        args.append("--validator")
-    if member_spec.get("trainCommand"):
-        args += ["--train-command", member_spec["trainCommand"]]
-    if member_spec.get("validateCommand"):
-        args += ["--validate-command", member_spec["validateCommand"]]
+    args = contract.member_args(
+        member,
+        DATA_MOUNT_PATH,
+        log_level="info",
+        validator=bool(member_spec.get("validator")),
+        train_command=member_spec.get("trainCommand"),
+        validate_command=member_spec.get("validateCommand"),
+    )
     env = [
         *store_env(alliance_spec["store"]),
         # Parsed CSV data is cached here between restarts of the container.
-        {"name": "ALLIANCE_CACHE_DIR", "value": CACHE_MOUNT_PATH},
+        {"name": contract.ENV_CACHE_DIR, "value": CACHE_MOUNT_PATH},
         # The agent's Prometheus metrics (the only port it listens on; it serves nothing else).
-        {"name": "ALLIANCE_METRICS_PORT", "value": str(MEMBER_METRICS_PORT)},
+        {"name": contract.ENV_METRICS_PORT, "value": str(MEMBER_METRICS_PORT)},
         *_runtime_env(),
     ]
     if member_spec.get("dataSchema"):
         schema = json.dumps(member_spec["dataSchema"], sort_keys=True, separators=(",", ":"))
-        env.append({"name": "ALLIANCE_DATA_SCHEMA", "value": schema})
+        env.append({"name": contract.ENV_DATA_SCHEMA, "value": schema})
     volumes, mounts = _scratch_volumes()
     volumes += [
         {
@@ -207,7 +208,7 @@ def member_pod(
         "name": "agent",
         "image": member_spec.get("image") or alliance_spec.get("memberImage") or default_image,
         "imagePullPolicy": image_pull_policy,
-        "command": ["alliance"],
+        "command": [contract.COMMAND],
         "args": args,
         "env": env,
         "ports": [{"name": "metrics", "containerPort": MEMBER_METRICS_PORT, "protocol": "TCP"}],
@@ -246,16 +247,16 @@ def init_pod(
     It needs TensorFlow to build the model, which is why it runs in the member image and not
     in the operator (whose image carries no TensorFlow).
     """
-    args = ["init", "--seed", str(alliance_spec.get("seed", 0)), "--log-level", "info"]
     model = alliance_spec.get("model") or {}
-    if model.get("kerasObject"):
-        args += ["--keras-object", model["kerasObject"]]
+    args = contract.init_args(
+        alliance_spec.get("seed", 0), log_level="info", keras_object=model.get("kerasObject")
+    )
     volumes, mounts = _scratch_volumes()
     container = {
         "name": "agent",
         "image": alliance_spec.get("memberImage") or default_image,
         "imagePullPolicy": image_pull_policy,
-        "command": ["alliance"],
+        "command": [contract.COMMAND],
         "args": args,
         "env": [*store_env(alliance_spec["store"]), *_runtime_env()],
         "resources": copy.deepcopy(INIT_RESOURCES),

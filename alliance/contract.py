@@ -1,0 +1,86 @@
+"""What starts a member agent and what the agent reads: its environment and command line.
+
+Two programs start agents: the operator (a Member's pod, an Alliance's init pod) and the
+embedded runner (``alliance.local``, local processes). Both take the variable names and the
+argument lists from here, and the agent (``alliance.cli``, ``alliance.member``,
+``alliance.store``) reads the same names, so the three cannot drift apart.
+``tests/test_contract.py`` parses the builders' output with the real ``alliance`` parser.
+
+The operator's image has no TensorFlow: this module imports nothing but the standard library.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: The console script the member image puts on PATH (pyproject's ``[project.scripts]``).
+COMMAND = "alliance"
+
+# --- environment variables ----------------------------------------------------------------
+# "operator": set in the pods it builds; "runner": set by the embedded runner (alliance.local).
+
+#: The store's URL, http://host:port or https://host. Operator: spec.store; runner: its server.
+ENV_S3_ENDPOINT = "ALLIANCE_S3_ENDPOINT"
+#: The store's access key. Operator: from the Alliance's Secret; runner: its server's.
+ENV_S3_ACCESS_KEY = "ALLIANCE_S3_ACCESS_KEY"
+#: The store's secret key. Operator: from the Alliance's Secret; runner: its server's.
+ENV_S3_SECRET_KEY = "ALLIANCE_S3_SECRET_KEY"
+#: The alliance's bucket. Operator: spec.store.bucket; runner: its server's.
+ENV_BUCKET = "ALLIANCE_BUCKET"
+#: TensorFlow's thread count. Operator: the pod's CPU limit; runner: cores ÷ members.
+ENV_CPU_THREADS = "ALLIANCE_CPU_THREADS"
+#: Where parsed CSV data is cached. Operator: an emptyDir; runner: <work-dir>/cache.
+ENV_CACHE_DIR = "ALLIANCE_CACHE_DIR"
+#: A Member's spec.dataSchema as JSON. Operator only (unset: the default schema).
+ENV_DATA_SCHEMA = "ALLIANCE_DATA_SCHEMA"
+#: The port of the agent's Prometheus metrics. Operator only (unset: none served).
+ENV_METRICS_PORT = "ALLIANCE_METRICS_PORT"
+
+
+# --- command lines (the arguments after COMMAND) --------------------------------------------
+# A log_level of None leaves the command's default (warning).
+
+
+def member_args(
+    name: str,
+    data_dir: str | Path,
+    *,
+    log_level: str | None = None,
+    validator: bool = False,
+    train_command: str | None = None,
+    validate_command: str | None = None,
+) -> list[str]:
+    """``alliance member``: the agent of member ``name`` on the data in ``data_dir``. Its data
+    schema and metrics port travel in the environment (--schema and --metrics-port are for
+    people who start an agent by hand)."""
+    args = ["member", "--name", name, "--data-dir", str(data_dir)]
+    if log_level:
+        args += ["--log-level", log_level]
+    if validator:
+        args.append("--validator")
+    if train_command:
+        args += ["--train-command", train_command]
+    if validate_command:
+        args += ["--validate-command", validate_command]
+    return args
+
+
+def init_args(
+    seed: int,
+    *,
+    log_level: str | None = None,
+    keras_object: str | None = None,
+    model_file: str | Path | None = None,
+) -> list[str]:
+    """``alliance init``: create the bucket, the model and its seed weights. The model is the
+    built-in CNN, or a .keras file already in the bucket (``keras_object``), or a local one."""
+    if keras_object and model_file:
+        raise ValueError("init: give keras_object or model_file, not both")
+    args = ["init", "--seed", str(seed)]
+    if log_level:
+        args += ["--log-level", log_level]
+    if keras_object:
+        args += ["--keras-object", keras_object]
+    if model_file:
+        args += ["--model", str(model_file)]
+    return args

@@ -1,0 +1,275 @@
+"""Reading a CSV file: its text (plain or gzipped) and its header, checked against a schema.
+
+This is the one way into a CSV file: the checks and training (``load_split``), prediction
+(``read_features_csv``) and splitting a dataset among members (``split_dataset``) all start here,
+so a file reads the same everywhere and a problem gets the same error. The data lines are then
+read by the rules in ``alliance.data.parse``.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import re
+import zlib
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from alliance.data.errors import DataError
+from alliance.data.schema import DataSchema
+
+# A number: what pandas' C parser and Python's float() both accept, minus underscores, non-ASCII
+# digits and the nan / inf words (handled by the "nan" rule).
+NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+_PIXEL_NAME_RE = re.compile(r"(\d+)x(\d+)", re.ASCII)
+
+
+@dataclass(frozen=True)
+class CsvFile:
+    """A CSV file's text as the rules see it: the header line apart from the data lines."""
+
+    file: str  # the path as the caller gave it, for error messages
+    header: bytes  # line 1, without its newline
+    # Lines 2.., each ending in "\n" ("\r\n" and "\r" made "\n"), trailing blank lines dropped.
+    data: bytes
+
+    def require_rows(self) -> None:
+        if not self.data:
+            raise DataError(
+                "empty-file", "the file has a header (line 1) but no data rows", file=self.file
+            )
+
+    @cached_property
+    def lines(self) -> list[bytes]:
+        """The data lines without their newline: index k is physical line k + 2."""
+        lines = self.data.split(b"\n")
+        lines.pop()  # data ends with "\n"
+        return lines
+
+
+def read_csv_file(path: Path, file: str) -> CsvFile:
+    """Read ``path`` (gunzipped when it starts with the gzip magic); ``file`` names it in errors."""
+    raw = _read_bytes(path, file)
+    if b"\r" in raw:
+        raw = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    if raw.isspace():
+        raise DataError("empty-file", "the file contains only blank lines", file=file)
+    cut = raw.find(b"\n")
+    header, data = (raw, b"") if cut < 0 else (raw[:cut], raw[cut + 1 :])
+    del raw  # the data is a copy: do not hold the file twice
+    return CsvFile(file=file, header=header, data=_strip_trailing_blank_lines(data))
+
+
+def _read_bytes(path: Path, display: str) -> bytes:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError("missing-file", "the file does not exist", file=display) from None
+    except OSError as exc:
+        raise DataError(
+            "unreadable-file", f"cannot read the file: {exc.strerror or exc}", file=display
+        ) from None
+    if not raw:
+        raise DataError("empty-file", "the file is empty (0 bytes)", file=display)
+    is_gz = path.name.lower().endswith(".gz")
+    if raw[:2] != b"\x1f\x8b":
+        if is_gz:
+            raise DataError(
+                "bad-gzip",
+                "not a gzip file (it does not start with the gzip magic bytes 1f 8b); "
+                f"if it is plain CSV, name it {path.name[:-3]}",
+                file=display,
+            )
+        return raw
+    try:
+        data = gzip.decompress(raw)
+    except EOFError:
+        raise DataError(
+            "bad-gzip", "the gzip data is truncated (the file was cut short)", file=display
+        ) from None
+    except (OSError, zlib.error) as exc:
+        raise DataError("bad-gzip", f"corrupt gzip data: {exc}", file=display) from None
+    if not data:
+        raise DataError("empty-file", "the file is empty (0 bytes after decompression)", display)
+    return data
+
+
+def _strip_trailing_blank_lines(data: bytes) -> bytes:
+    if not data.endswith(b"\n"):
+        data += b"\n"
+    end = len(data) - 1  # the final newline
+    while end >= 0:
+        start = data.rfind(b"\n", 0, end) + 1
+        if data[start:end].strip():
+            break
+        end = start - 1
+    return data[: end + 1] if end >= 0 else b""
+
+
+# --------------------------------------------------------------------------------------------
+# The header
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the label and the features are in each line, from the header."""
+
+    file: str
+    schema: DataSchema
+    ncols: int
+    names: tuple[str, ...]
+    label_idx: int | None  # the label column, checked by the rules (labelled files)
+    # The label column of a file for prediction: optional, its values not checked.
+    skip_idx: int | None
+    feature_idx: tuple[int, ...]
+    clean_re: re.Pattern  # a plain line: digits, signs, '.', 'e', blanks and delimiters
+
+    @classmethod
+    def of(cls, file: str, schema: DataSchema, names: list[str], labelled: bool) -> Layout:
+        label_idx = names.index(schema.label_column) if schema.label_column in names else None
+        clean = "".join(sorted(set("0123456789eE.+- \t") | {schema.delimiter}))
+        return cls(
+            file=file,
+            schema=schema,
+            ncols=len(names),
+            names=tuple(names),
+            label_idx=label_idx if labelled else None,
+            skip_idx=None if labelled else label_idx,
+            feature_idx=tuple(j for j in range(len(names)) if j != label_idx),
+            clean_re=re.compile(f"[{re.escape(clean)}]*"),
+        )
+
+    def column(self, j: int) -> dict:
+        return {"column": self.names[j], "column_index": j + 1}
+
+
+def read_layout(csv_file: CsvFile, schema: DataSchema, labelled: bool) -> Layout:
+    """Check the header against the schema (every header rule) and say where the columns are.
+
+    ``labelled``: the label column is required and its values are checked (training data);
+    otherwise it is optional and its values are not checked (prediction input).
+    """
+    file = csv_file.file
+    names = header_columns(csv_file, schema, labelled)
+    nfeat = schema.feature_count
+    has_label = schema.label_column in names
+    expected = nfeat + (1 if has_label else 0)
+    if len(names) != expected:
+        shape = "×".join(map(str, schema.feature_shape))
+        if has_label:
+            want = f"the label column '{schema.label_column}' and {nfeat} feature columns"
+        else:
+            want = f"{nfeat} feature columns (the label column is optional here)"
+        raise DataError(
+            "column-count",
+            f"the header has {len(names)} columns; the schema expects {expected}: "
+            f"{want} for featureShape {shape}",
+            file=file,
+            line=1,
+        )
+    layout = Layout.of(file, schema, names, labelled)
+    _check_pixel_order(names, layout.feature_idx, schema, file)
+    return layout
+
+
+def header_columns(csv_file: CsvFile, schema: DataSchema, labelled: bool) -> list[str]:
+    """The column names of line 1, by the header rules that need no more of the schema than its
+    label column and delimiter: not blank, the delimiter, the label column (when ``labelled``),
+    no name twice."""
+    text = csv_file.header.decode("utf-8", errors="replace").lstrip("\ufeff")
+    file = csv_file.file
+    d = schema.delimiter
+    label = schema.label_column
+    if not text.strip():
+        raise DataError(
+            "missing-label-column" if labelled else "column-count",
+            "line 1 is blank: the first line must be the header "
+            f"({','.join(schema.column_names()[:3])},...)",
+            file=file,
+            line=1,
+        )
+    names = [n.strip() for n in split_csv_line(text, d)]
+
+    if len(names) == 1:
+        found = [(text.count(c), c) for c in (",", ";", "\t", "|") if c != d and c in text]
+        if found:
+            _, c = max(found)
+            raise DataError(
+                "wrong-delimiter",
+                f"the header is a single column but contains {delimiter_name(c)}: the file "
+                f"seems to be separated by {delimiter_name(c)}, but the schema expects "
+                f"{delimiter_name(d)}. Rewrite the file with {delimiter_name(d)} or set the "
+                "schema's delimiter",
+                file=file,
+                line=1,
+            )
+
+    hint = (
+        " — the first line looks like data: the file needs a header line "
+        f"({','.join(schema.column_names()[:3])},...)"
+        if all(NUMBER_RE.fullmatch(n) for n in names)
+        else ""
+    )
+    if labelled and label not in names:
+        shown = ", ".join(f"'{n}'" for n in names[:5]) + (", ..." if len(names) > 5 else "")
+        raise DataError(
+            "missing-label-column",
+            f"the header has no column '{label}' (it starts with {shown})"
+            + (hint or "; set the schema's labelColumn if the label column has another name"),
+            file=file,
+            line=1,
+        )
+
+    seen: dict[str, int] = {}
+    for j, n in enumerate(names):
+        if n in seen:
+            what = "an empty column name" if n == "" else f"the column name '{n}'"
+            raise DataError(
+                "duplicate-column",
+                f"{what} appears twice (columns {seen[n] + 1} and {j + 1}){hint}",
+                file=file,
+                line=1,
+                column=n,
+                column_index=j + 1,
+            )
+        seen[n] = j
+    return names
+
+
+def _check_pixel_order(
+    names: list[str], feature_idx: tuple[int, ...], schema: DataSchema, file: str
+) -> None:
+    """RxC names (0- or 1-based) must run row-major, or the images would come out scrambled."""
+    shape = schema.feature_shape
+    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] != 1):
+        return
+    pairs = []
+    for j in feature_idx:
+        m = _PIXEL_NAME_RE.fullmatch(names[j])
+        if m is None:
+            return  # other names: no order to check
+        pairs.append((int(m.group(1)), int(m.group(2))))
+    base = min(pairs[0])
+    cols = shape[1]
+    for k, j in enumerate(feature_idx):
+        want = (base + k // cols, base + k % cols)
+        if pairs[k] != want:
+            raise DataError(
+                "column-order",
+                f"pixel columns must be in row-major order (row by row, RxC = row R, column "
+                f"C): expected '{want[0]}x{want[1]}' here, found '{names[j]}'",
+                file=file,
+                line=1,
+                column=names[j],
+                column_index=j + 1,
+            )
+
+
+def split_csv_line(text: str, delimiter: str) -> list[str]:
+    """The cells of one line, quotes and all (a record is one line: no newlines in cells)."""
+    return next(csv.reader([text], delimiter=delimiter), [])
+
+
+def delimiter_name(d: str) -> str:
+    return {"\t": "tab ('\\t')", " ": "space (' ')"}.get(d, f"'{d}'")

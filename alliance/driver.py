@@ -1,0 +1,154 @@
+"""The one loop that drives a training run, wherever its status lives.
+
+The embedded runner (``alliance run``, ``alliance coordinate``) and the Kubernetes operator
+(a kopf daemon per TrainingRun) both call ``drive``; they differ only in their *sink*, the
+place a run's status is loaded from and saved to::
+
+        drive(store, run, spec, sink, stopped, lost)
+          │
+          ├─ status = sink.load()            StoreSink: runs/<run>/status.json
+          ├─ spec = pin_spec(...)             the operator: the TrainingRun's .status,
+          │                                   with conditions, Events and metrics
+          └─ until the run ends or stopped(poll):
+               status' = coordinator.reconcile(status)   ◄─► store: heartbeats, results,
+               sink.save(status, status')                     models, tasks
+
+Everything a run needs to resume is in the status and the store, so a driver stopped or killed
+at any point is resumed by calling ``drive`` again: an action taken but not yet saved is
+idempotent and is simply taken again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from alliance.coordinator import Coordinator
+from alliance.engine import Phase, RunSpec, RunStatus
+from alliance.store import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+#: How often the loop looks at the store while it waits for members.
+POLL_SECONDS = 0.05
+FINISHED = (Phase.COMPLETED, Phase.FAILED)
+
+
+class Sink(Protocol):
+    """Where a run's status lives."""
+
+    def load(self) -> RunStatus | None:
+        """The status saved last, or None for a run that never started."""
+
+    def save(self, old: RunStatus, new: RunStatus) -> None:
+        """Called after every step of the loop (``old`` may equal ``new``): the sink decides
+        what to write, and when."""
+
+    def pinned(self, spec: RunSpec) -> None:
+        """The spec the run keeps (it may differ from the one asked for: see pin_spec)."""
+
+
+def pin_spec(store: Store, run: str, spec: RunSpec | None, status: RunStatus) -> RunSpec:
+    """The spec a run follows: the caller's until round 1 starts (an edit before then
+    applies), from then on the one stored when it started, so a run never changes its rules
+    halfway. ``spec`` None: the caller has no valid spec, only a started run can go on."""
+    saved = store.get_run_spec(run)
+    if spec is not None and (status.round == 0 or saved is None):
+        if saved != spec.to_dict():
+            store.put_run_spec(run, spec.to_dict())
+        return spec
+    if saved is None:
+        raise StoreError(f"runs/{run}/spec.json is missing from the store")
+    pinned = RunSpec.from_dict(saved)
+    if spec is not None and pinned != spec:
+        log.warning("run %s has started: it keeps the spec it started with", run)
+    return pinned
+
+
+def drive(
+    store: Store,
+    run: str,
+    spec: RunSpec | None,
+    sink: Sink,
+    stopped: Callable[[float], bool],
+    lost: Callable[[], set[str]] = set,
+    poll_seconds: float = POLL_SECONDS,
+    heartbeat_timeout: float = 60.0,
+) -> RunStatus:
+    """Drive the run until it ends, or until ``stopped(poll_seconds)`` (which waits up to that
+    long) says to stop; returns the last status. ``lost`` names the members known to be gone
+    (their pod failed, their process died) before their heartbeat says so."""
+    status = sink.load() or RunStatus()
+    spec = pin_spec(store, run, spec, status)
+    sink.pinned(spec)
+    coordinator = Coordinator(
+        store, run, spec, lost_members=lost, heartbeat_timeout=heartbeat_timeout
+    )
+    while True:
+        new = coordinator.reconcile(status)
+        sink.save(status, new)
+        status = new
+        if status.phase in FINISHED or stopped(poll_seconds):
+            return status
+
+
+class StoreSink:
+    """A run's status as ``runs/<run>/status.json`` in the store (the embedded runner and
+    ``alliance coordinate``). Every decision is saved at once; a change of the progress message
+    alone (one more member answered) at most once a second: it carries nothing a resume needs.
+    ``on_change`` sees every change, for progress output."""
+
+    def __init__(
+        self,
+        store: Store,
+        run: str,
+        on_change: Callable[[RunStatus], None] = lambda status: None,
+    ):
+        self.store, self.run, self.on_change = store, run, on_change
+        self._saved: dict | None = None
+        self._saved_at = -float("inf")
+        self._shown: dict | None = None
+
+    def load(self) -> RunStatus | None:
+        saved = self.store.get_run_status(self.run)
+        self._saved = saved
+        status = None if saved is None else RunStatus.from_dict(saved)
+        self._show(status or RunStatus())
+        return status
+
+    def pinned(self, spec: RunSpec) -> None:
+        pass
+
+    def save(self, old: RunStatus, new: RunStatus) -> None:
+        current = new.to_dict()
+        self._show(new, current)
+        if current == self._saved:
+            return
+        decided = _without_message(current) != _without_message(self._saved or {})
+        if decided or time.monotonic() - self._saved_at >= 1.0:
+            self.store.put_run_status(self.run, current)
+            self._saved, self._saved_at = current, time.monotonic()
+
+    def _show(self, status: RunStatus, as_dict: dict | None = None) -> None:
+        as_dict = as_dict if as_dict is not None else status.to_dict()
+        if as_dict != self._shown:
+            self.on_change(status)
+            self._shown = as_dict
+
+
+def _without_message(status: dict) -> dict:
+    return {k: v for k, v in status.items() if k != "message"}
+
+
+def sleeping(stop: Callable[[], bool] = lambda: False) -> Callable[[float], bool]:
+    """A ``stopped`` for ``drive`` that sleeps between steps and stops when ``stop()`` says so
+    (by default never: the embedded runner's process ends with its run)."""
+
+    def stopped(seconds: float) -> bool:
+        if not stop():
+            time.sleep(seconds)
+        return stop()
+
+    return stopped
