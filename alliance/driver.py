@@ -123,13 +123,12 @@ class StoreSink:
 
     def save(self, old: RunStatus, new: RunStatus) -> None:
         current = new.to_dict()
-        self._show(new, current)
-        if current == self._saved:
-            return
         decided = _without_message(current) != _without_message(self._saved or {})
-        if decided or time.monotonic() - self._saved_at >= 1.0:
+        if current != self._saved and (decided or time.monotonic() - self._saved_at >= 1.0):
             self.store.put_run_status(self.run, current)
             self._saved, self._saved_at = current, time.monotonic()
+        # Shown once saved: what the progress output reports done survives an interrupt.
+        self._show(new, current)
 
     def _show(self, status: RunStatus, as_dict: dict | None = None) -> None:
         as_dict = as_dict if as_dict is not None else status.to_dict()

@@ -444,9 +444,16 @@ def test_build_context_holds_what_the_dockerfile_copies(image: Image):
 
 
 def make_dry_run(*args: str) -> list[list[str]]:
-    """The commands `make -n -B ARGS` would run, continuation lines joined."""
+    """The commands `make -n -B ARGS` would run, continuation lines joined. Run apart from
+    any outer make (`make test`), whose variables would make this one print its directory."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     out = subprocess.run(
-        ["make", "-n", "-B", *args], cwd=ROOT, capture_output=True, text=True, check=True
+        ["make", "--no-print-directory", "-n", "-B", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
     ).stdout
     return [shlex.split(line) for line in out.replace("\\\n", " ").splitlines()]
 
