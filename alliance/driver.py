@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from alliance.coordinator import Coordinator
-from alliance.engine import Phase, RunSpec, RunStatus
+from alliance.engine import Phase, RunSpec, RunStatus, SpecError
 from alliance.store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,10 @@ def pin_spec(store: Store, run: str, spec: RunSpec | None, status: RunStatus) ->
         return spec
     if saved is None:
         raise StoreError(f"runs/{run}/spec.json is missing from the store")
-    pinned = RunSpec.from_dict(saved)
+    try:
+        pinned = RunSpec.from_dict(saved)
+    except (SpecError, TypeError, ValueError) as exc:  # written by someone else than a driver
+        raise StoreError(f"runs/{run}/spec.json is not a run spec: {exc}") from None
     if spec is not None and pinned != spec:
         log.warning("run %s has started: it keeps the spec it started with", run)
     return pinned
@@ -123,8 +126,8 @@ class StoreSink:
 
     def save(self, old: RunStatus, new: RunStatus) -> None:
         current = new.to_dict()
-        decided = _without_message(current) != _without_message(self._saved or {})
-        if current != self._saved and (decided or time.monotonic() - self._saved_at >= 1.0):
+        progress = only_progress(self._saved or {}, current)
+        if current != self._saved and (not progress or time.monotonic() - self._saved_at >= 1.0):
             self.store.put_run_status(self.run, current)
             self._saved, self._saved_at = current, time.monotonic()
         # Shown once saved: what the progress output reports done survives an interrupt.
@@ -137,8 +140,12 @@ class StoreSink:
             self._shown = as_dict
 
 
-def _without_message(status: dict) -> dict:
-    return {k: v for k, v in status.items() if k != "message"}
+def only_progress(old: dict, new: dict) -> bool:
+    """Whether two statuses (as dicts) differ in their progress message alone: nothing a
+    resume needs, so the sinks write such a change at most once a second."""
+    return {k: v for k, v in old.items() if k != "message"} == {
+        k: v for k, v in new.items() if k != "message"
+    }
 
 
 def sleeping(stop: Callable[[], bool] = lambda: False) -> Callable[[float], bool]:

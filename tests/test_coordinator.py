@@ -218,6 +218,11 @@ def test_the_spec_follows_edits_until_round_1_then_stays_pinned(store):
     assert RunSpec.from_dict(store.get_run_spec(RUN)) == edited
     with pytest.raises(StoreError, match=r"spec\.json is missing"):
         pin_spec(store, "another-run", None, started)
+    # Overwritten by someone else (a member holding the store's keys): a clear error.
+    for garbage in ([1, 2], {"rounds": "many"}):
+        store.put_run_spec(RUN, garbage)
+        with pytest.raises(StoreError, match=r"spec\.json is not a run spec"):
+            pin_spec(store, RUN, None, started)
 
 
 def test_drive_saves_every_decision_and_stops_when_told(alliance):

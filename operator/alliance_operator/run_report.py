@@ -13,8 +13,10 @@ import time
 
 import kopf
 
+from alliance.driver import only_progress
 from alliance.engine import Phase, RoundRecord, RunSpec, RunStatus
 from alliance_operator import k8s, metrics
+from alliance_operator.conditions import is_true
 from alliance_operator.constants import ALLIANCES, TRAININGRUNS
 from alliance_operator.status import StatusUpdate
 
@@ -82,10 +84,7 @@ class RunReport:
     def is_true(self, type_: str) -> bool:
         if self._update is not None:
             return self._update.is_true(type_)
-        return any(
-            c["type"] == type_ and c["status"] == "True"
-            for c in self.written.get("conditions") or ()
-        )
+        return is_true(self.written.get("conditions"), type_)
 
     def waiting(self, message: str) -> None:
         self._update.new.setdefault("phase", Phase.PENDING.value)
@@ -159,7 +158,7 @@ class RunReport:
         )
         # A change of the progress message alone (one more member answered) is written at
         # most once a second: it carries nothing a resume needs.
-        progress_only = _decisions(old) == _decisions(status) and self.written.get("phase")
+        progress_only = only_progress(old.to_dict(), status.to_dict()) and self.written.get("phase")
         if progress_only and time.monotonic() - self._written_at < 1.0:
             self._update = update  # written with the next step
             return
@@ -184,10 +183,6 @@ class RunReport:
             k8s.patch_custom_status(meta["namespace"], TRAININGRUNS, meta["name"], patch)
             self._written_at = time.monotonic()
         self.written = update.new
-
-
-def _decisions(status: RunStatus) -> dict:
-    return {k: v for k, v in status.to_dict().items() if k != "message"}
 
 
 def _without_nulls(value):
