@@ -370,8 +370,8 @@ def _run_spec(args) -> dict:
 def cmd_run(args) -> int:
     from alliance.data.split import split_dataset
     from alliance.driver import StoreSink, drive, sleeping
+    from alliance.embedded import EmbeddedAlliance, init_in_subprocess
     from alliance.engine import RunSpec
-    from alliance.local import LocalAlliance, init_in_subprocess
 
     spec = RunSpec.from_dict(_run_spec(args))
     seed = spec.seed
@@ -381,7 +381,7 @@ def cmd_run(args) -> int:
     progress = Progress(spec, run)
     started = time.perf_counter()
     signal.signal(signal.SIGTERM, _interrupt)
-    with LocalAlliance(work) as local:
+    with EmbeddedAlliance(work) as alliance:
         # The members' data is split once per dataset and split settings; a resumed run
         # keeps the data it started with.
         split_key = f"{data_dir.resolve()} {args.members} {args.split} {args.alpha} {seed}"
@@ -397,22 +397,24 @@ def cmd_run(args) -> int:
             )
             marker.write_text(split_key)
         threads = max(1, len(os.sched_getaffinity(0)) // args.members)
-        init = init_in_subprocess(local.env(threads), work / "logs" / "init.log", args.model, seed)
-        local.start_members(member_dirs, threads)
+        init = init_in_subprocess(
+            alliance.env(threads), work / "logs" / "init.log", args.model, seed
+        )
+        alliance.start_members(member_dirs, threads)
         progress.say(
-            f"S3 store at {local.server.endpoint}; {args.members} members starting "
+            f"S3 store at {alliance.server.endpoint}; {args.members} members starting "
             f"({threads} CPU thread{'s' * (threads > 1)} each); logs in {work / 'logs'}"
         )
         (work / "last-run").write_text(run)
         progress.say("waiting for the members to check their data and load TensorFlow")
-        local.wait_until_ready(check=lambda: _init_failed(init))
+        alliance.wait_until_ready(check=lambda: _init_failed(init))
         status = drive(
-            local.store,
+            alliance.store,
             run,
             spec,
-            StoreSink(local.store, run, on_change=progress.update),
+            StoreSink(alliance.store, run, on_change=progress.update),
             sleeping(),
-            lost=lambda: local.supervise() | _init_failed(init),
+            lost=lambda: alliance.supervise() | _init_failed(init),
         )
         init.wait()
     progress.done(status, time.perf_counter() - started, work)

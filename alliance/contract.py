@@ -1,7 +1,7 @@
 """What starts a member agent and what the agent reads: its environment and command line.
 
 Two programs start agents: the operator (a Member's pod, an Alliance's init pod) and the
-embedded runner (``alliance.local``, local processes). Both take the variable names and the
+embedded runner (``alliance.embedded``, local processes). Both take the variable names and the
 argument lists from here, and the agent (``alliance.cli``, ``alliance.member``,
 ``alliance.store``) reads the same names, so the three cannot drift apart.
 ``tests/test_contract.py`` parses the builders' output with the real ``alliance`` parser.
@@ -17,7 +17,7 @@ from pathlib import Path
 COMMAND = "alliance"
 
 # --- environment variables ----------------------------------------------------------------
-# "operator": set in the pods it builds; "runner": set by the embedded runner (alliance.local).
+# "operator": set in the pods it builds; "runner": set by the embedded runner (alliance.embedded).
 
 #: The store's URL, http://host:port or https://host. Operator: spec.store; runner: its server.
 ENV_S3_ENDPOINT = "ALLIANCE_S3_ENDPOINT"

@@ -226,7 +226,7 @@ class Coordinator:
                 size = len(data)
                 del data
                 n = meta.get("numExamples")
-                why = weights.problem(arrays, base)
+                why = weights.mismatch(arrays, base) or weights.nonfinite(arrays)
                 if why is None and (not isinstance(n, int) or n <= 0):
                     why = f"numExamples must be a positive integer, got {n!r}"
                 if why is not None:
@@ -252,8 +252,6 @@ class Coordinator:
                 aggregation_seconds=time.perf_counter() - started,
             )
         else:
-            total = sum(m["numExamples"] for m in metas)
-            losses = [(m["loss"], m["numExamples"]) for m in metas if m.get("loss") is not None]
             model_id = self._remember(self.store.put_model(new_weights), new_weights)
             state_id = self.store.put_model(new_state) if new_state else None
             result = AggregateResult(
@@ -261,9 +259,9 @@ class Coordinator:
                 optimizer_state_id=state_id,
                 accepted=tuple(accepted),
                 rejected=rejected,
-                num_examples=total,
-                train_loss=(
-                    sum(v * n for v, n in losses) / sum(n for _, n in losses) if losses else None
+                num_examples=sum(m["numExamples"] for m in metas),
+                train_loss=engine.weighted_average(
+                    (m["loss"], m["numExamples"]) for m in metas if m.get("loss") is not None
                 ),
                 train_seconds=max((m.get("seconds", 0.0) for m in metas), default=0.0),
                 update_bytes=sum(sizes),

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any
@@ -304,9 +305,9 @@ def _start(spec: RunSpec, status: RunStatus, obs: Observed):
     if obs.seed_model_id is None:
         status.message = "waiting for the alliance's seed model"
         return status, []
-    if len(trainers(obs.ready)) < spec.min_members:
+    if len(training_members(obs.ready)) < spec.min_members:
         status.message = (
-            f"waiting for members: {len(trainers(obs.ready))} of {spec.min_members} ready"
+            f"waiting for members: {len(training_members(obs.ready))} of {spec.min_members} ready"
         )
         return status, []
     status.phase = Phase.RUNNING
@@ -315,9 +316,16 @@ def _start(spec: RunSpec, status: RunStatus, obs: Observed):
     return _start_round(spec, status, obs, 1)
 
 
-def trainers(ready: dict[str, MemberState]) -> list[str]:
+def training_members(ready: dict[str, MemberState]) -> list[str]:
     """Ready members with training data (validators hold only a test set)."""
     return sorted(name for name, member in ready.items() if member.train_rows > 0)
+
+
+def weighted_average(pairs: Iterable[tuple[float, int]]) -> float | None:
+    """The mean of the values weighted by their counts; None when there is no weight."""
+    pairs = list(pairs)
+    total = sum(n for _, n in pairs)
+    return sum(v * n for v, n in pairs) / total if total else None
 
 
 def select_members(spec: RunSpec, ready: list[str], round_: int) -> list[str]:
@@ -329,7 +337,7 @@ def select_members(spec: RunSpec, ready: list[str], round_: int) -> list[str]:
 
 
 def _start_round(spec: RunSpec, status: RunStatus, obs: Observed, round_: int):
-    selected = select_members(spec, trainers(obs.ready), round_)
+    selected = select_members(spec, training_members(obs.ready), round_)
     if len(selected) < spec.min_members:
         return _fail(
             status,
@@ -437,17 +445,13 @@ def _validating(spec: RunSpec, status: RunStatus, obs: Observed):
         return status, []
     record = status.current
     counted = {m: v for m, v in done.items() if v.get("numExamples", 0) > 0}
-    total = sum(v["numExamples"] for v in counted.values())
     record.validators = len(counted)
-    if total:
-        record.accuracy = sum(v["accuracy"] * v["numExamples"] for v in counted.values()) / total
-        losses = [
-            (v["loss"], v["numExamples"])
-            for v in counted.values()
-            if v.get("loss") is not None and math.isfinite(v["loss"])
-        ]
-        if losses:
-            record.loss = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
+    record.accuracy = weighted_average((v["accuracy"], v["numExamples"]) for v in counted.values())
+    record.loss = weighted_average(
+        (v["loss"], v["numExamples"])
+        for v in counted.values()
+        if v.get("loss") is not None and math.isfinite(v["loss"])
+    )
     record.validation_seconds = max((v.get("seconds", 0.0) for v in done.values()), default=0.0)
     return _finish_round(spec, status, obs)
 

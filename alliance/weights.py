@@ -56,11 +56,9 @@ def content_id(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def problem(arrays: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> str | None:
-    """Why ``arrays`` cannot be aggregated with a model shaped like ``reference``, or None.
-
-    Checks the number of arrays, each shape, a floating dtype, and that every value is finite.
-    """
+def mismatch(arrays: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> str | None:
+    """Why ``arrays`` do not fit a model shaped like ``reference`` (the number of arrays,
+    each shape, a floating dtype), or None. Cheap: it reads no values."""
     if len(arrays) != len(reference):
         return f"has {len(arrays)} arrays, the model has {len(reference)}"
     for i, (arr, ref) in enumerate(zip(arrays, reference, strict=True)):
@@ -68,6 +66,12 @@ def problem(arrays: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> st
             return f"array {i} has shape {arr.shape}, the model's is {ref.shape}"
         if not np.issubdtype(arr.dtype, np.floating):
             return f"array {i} has dtype {arr.dtype}, expected a floating dtype"
+    return None
+
+
+def nonfinite(arrays: Sequence[np.ndarray]) -> str | None:
+    """Which array holds NaN or Inf values, or None when every value is finite."""
+    for i, arr in enumerate(arrays):
         if not np.isfinite(arr).all():
             bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
             return f"array {i} has {bad} non-finite values (NaN or Inf)"

@@ -57,8 +57,8 @@ def run(work: Path, with_centralized: bool = True) -> tuple[Result, Result]:
 
     from alliance.data.split import split_dataset
     from alliance.driver import StoreSink, drive, sleeping
+    from alliance.embedded import EmbeddedAlliance, init_in_subprocess
     from alliance.engine import RunSpec
-    from alliance.local import LocalAlliance, init_in_subprocess
 
     threads = max(1, cores() // MEMBERS)
     started = time.perf_counter()
@@ -72,8 +72,8 @@ def run(work: Path, with_centralized: bool = True) -> tuple[Result, Result]:
     coord_logger.addHandler(agg_log)
     coord_logger.setLevel(logging.INFO)
     try:
-        with LocalAlliance(work) as local:
-            env = {**os.environ, **local.env(threads)}
+        with EmbeddedAlliance(work) as alliance:
+            env = {**os.environ, **alliance.env(threads)}
             say(
                 f"9a: parsing the members' data once (alliance check-data, cache in "
                 f"{work / 'cache'})"
@@ -95,10 +95,10 @@ def run(work: Path, with_centralized: bool = True) -> tuple[Result, Result]:
                     raise BenchError(f"check-data {d.name} failed: {out.strip()[-500:]}")
             parse_seconds = time.perf_counter() - t0
 
-            init = init_in_subprocess(local.env(threads), work / "logs" / "init.log", None, 0)
-            local.start_members(dirs, threads)
+            init = init_in_subprocess(alliance.env(threads), work / "logs" / "init.log", None, 0)
+            alliance.start_members(dirs, threads)
             say(
-                f"9a: S3 gateway at {local.server.endpoint}; {MEMBERS} member agents with "
+                f"9a: S3 gateway at {alliance.server.endpoint}; {MEMBERS} member agents with "
                 f"ALLIANCE_CPU_THREADS={threads}; logs in {work / 'logs'}"
             )
             spec = RunSpec(
@@ -118,11 +118,11 @@ def run(work: Path, with_centralized: bool = True) -> tuple[Result, Result]:
                     raise BenchError(f"alliance init failed; see {work / 'logs' / 'init.log'}")
                 if time.monotonic() > deadline:
                     raise BenchError(f"the federated run took over {HARD_TIMEOUT} s")
-                return local.lost()
+                return alliance.lost()
 
             try:
-                sink = StoreSink(local.store, RUN, on_change=_Progress())
-                status = drive(local.store, RUN, spec, sink, sleeping(), lost=lost)
+                sink = StoreSink(alliance.store, RUN, on_change=_Progress())
+                status = drive(alliance.store, RUN, spec, sink, sleeping(), lost=lost)
                 init.wait()
             finally:
                 if init.poll() is None:  # the run failed before the seed model was written
@@ -130,7 +130,7 @@ def run(work: Path, with_centralized: bool = True) -> tuple[Result, Result]:
                     init.wait()
             if status.phase != "Completed":
                 raise BenchError(f"the run ended {status.phase}: {status.message}")
-            members = _member_metrics(local.store, status)
+            members = _member_metrics(alliance.store, status)
     finally:
         coord_logger.removeHandler(agg_log)
         coord_logger.setLevel(old_level)

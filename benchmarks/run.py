@@ -30,7 +30,7 @@ BENCHMARKS = {
 
 EPILOG = """\
 benchmarks:
-  9a  A real embedded alliance (alliance.local: S3 gateway, 3 member agent processes with
+  9a  A real embedded alliance (alliance.embedded: S3 gateway, 3 member agent processes with
       ALLIANCE_CPU_THREADS = cores // 3, the coordinator in this process via
       alliance.driver.drive) on the full MNIST set from ../shared/data/mnist: each member
       has an IID third of the 60,000 training rows and of the 10,000 test rows, so the round

@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from alliance import weights
+from alliance.embedded import MemberProcess, start_member, stop_processes
 from alliance.engine import RunStatus
-from alliance.local import MemberProcess, start_member, stop_processes
 from alliance.s3server import S3Server
 from alliance.store import Store
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from alliance import cli, contract, local
+from alliance import cli, contract, embedded
 
 TRAIN_COMMAND = "python /app/train.py {model_in} {data_dir} {model_out} {metrics_out} {epochs}"
 VALIDATE_COMMAND = "python /app/validate.py {model_in} {data_dir} {metrics_out}"
@@ -92,9 +92,9 @@ def test_the_embedded_runner_starts_the_agent_and_init_with_the_contracts_argume
     tmp_path, monkeypatch
 ):
     started = []
-    monkeypatch.setattr(local.subprocess, "Popen", lambda argv, **_: started.append(argv))
-    local.start_member("member-1", tmp_path / "m1", {}, tmp_path / "m1.log", TRAIN_COMMAND)
-    local.init_in_subprocess({}, tmp_path / "init.log", tmp_path / "model.keras", 3)
+    monkeypatch.setattr(embedded.subprocess, "Popen", lambda argv, **_: started.append(argv))
+    embedded.start_member("member-1", tmp_path / "m1", {}, tmp_path / "m1.log", TRAIN_COMMAND)
+    embedded.init_in_subprocess({}, tmp_path / "init.log", tmp_path / "model.keras", 3)
     member, init = started
     python_m_alliance = [sys.executable, "-m", "alliance"]
     assert member == python_m_alliance + contract.member_args(

@@ -27,9 +27,10 @@ from alliance_operator.constants import (
     MANAGED_BY,
     TMP_MOUNT_PATH,
 )
-from alliance_operator.handlers.trainingrun import RUN_FIELDS, effective_spec, store_run
 from alliance_operator.podstate import PodHealth, PodState, pod_state
 from alliance_operator.resources import pods
+from alliance_operator.run_report import store_run
+from alliance_operator.runspec import RUN_FIELDS, effective_spec
 from alliance_operator.status import changed
 
 from alliance import cli, contract

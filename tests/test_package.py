@@ -32,7 +32,7 @@ def test_the_data_package_starts_nothing():
     # the embedded runner (it starts processes and the S3 server) or TensorFlow.
     code = (
         "import sys, alliance.data\n"
-        "print([m for m in ('alliance.local', 'alliance.s3server', 'tensorflow', 'keras') "
+        "print([m for m in ('alliance.embedded', 'alliance.s3server', 'tensorflow', 'keras') "
         "if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -41,7 +41,7 @@ def test_the_data_package_starts_nothing():
 
 def test_the_coordinator_side_does_not_load_tensorflow():
     code = (
-        "import sys, alliance.cli, alliance.coordinator, alliance.local, alliance.member, "
+        "import sys, alliance.cli, alliance.coordinator, alliance.embedded, alliance.member, "
         "alliance.strategies, alliance.trainers\n"
         "bad = [m for m in ('tensorflow', 'keras', 'kopf', 'kubernetes') if m in sys.modules]\n"
         "print(bad)"

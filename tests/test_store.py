@@ -27,17 +27,22 @@ def test_weights_format_is_deterministic_and_numpy_readable(tmp_path):
         weights.loads(b"not a zip")
 
 
-def test_problem_names_what_is_wrong():
+def test_mismatch_and_nonfinite_name_what_is_wrong():
     ref = arrays()
-    assert weights.problem(arrays(2.0), ref) is None
-    assert weights.problem(ref[:1], ref) == "has 1 arrays, the model has 2"
+    assert weights.mismatch(arrays(2.0), ref) is None
+    assert weights.mismatch(ref[:1], ref) == "has 1 arrays, the model has 2"
     bad = arrays()
     bad[1] = np.zeros(5, np.float32)
-    assert weights.problem(bad, ref) == "array 1 has shape (5,), the model's is (4,)"
+    assert weights.mismatch(bad, ref) == "array 1 has shape (5,), the model's is (4,)"
+    bad = arrays()
+    bad[1] = np.zeros(4, np.int32)
+    assert weights.mismatch(bad, ref) == "array 1 has dtype int32, expected a floating dtype"
     bad = arrays()
     bad[0][0, 0] = np.nan
     bad[0][1, 1] = np.inf
-    assert weights.problem(bad, ref) == "array 0 has 2 non-finite values (NaN or Inf)"
+    assert weights.mismatch(bad, ref) is None
+    assert weights.nonfinite(bad) == "array 0 has 2 non-finite values (NaN or Inf)"
+    assert weights.nonfinite(ref) is None
 
 
 def test_models_are_content_addressed_and_checked_on_read(store):

@@ -112,8 +112,6 @@ def test_fedavg_errors():
         FedAvg().aggregate([f32(0)], [up("a", 1, [1]), up("b", 1, [1, 2])], None)
     with pytest.raises(StrategyError, match=r"'a'.*num_examples"):
         FedAvg().aggregate([f32(0)], [up("a", -1, [1])], None)
-    with pytest.raises(StrategyError, match="non-finite"):
-        FedAvg().aggregate([f32(0)], [up("a", 1, [np.nan])], None)
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))

@@ -35,9 +35,10 @@ class StrategyError(ValueError):
 
 
 def load_update(update: Update, reference: list[np.ndarray]) -> list[np.ndarray]:
-    """Call ``update.load()`` and check the arrays fit the model shaped like ``reference``."""
+    """Call ``update.load()`` and check the arrays fit the model shaped like ``reference``.
+    Their values are the caller's to check (the coordinator admits only finite updates)."""
     arrays = list(update.load())
-    problem = weights.problem(arrays, reference)
+    problem = weights.mismatch(arrays, reference)
     if problem is not None:
         raise StrategyError(f"update from {update.member!r} {problem}")
     return arrays

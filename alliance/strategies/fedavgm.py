@@ -48,7 +48,7 @@ class FedAvgM(Strategy):
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         if state is None:
             state = [np.zeros(w.shape, w.dtype) for w in global_weights]
-        problem = weights.problem(state, global_weights)
+        problem = weights.mismatch(state, global_weights) or weights.nonfinite(state)
         if problem is not None:
             raise StrategyError(f"{self.name}: state does not fit the model: {problem}")
         mean, _ = weighted_mean(global_weights, updates, dtype=np.float64)

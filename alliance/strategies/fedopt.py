@@ -104,7 +104,7 @@ class FedOpt(Strategy):
                 f"(m and v for each of the model's {n} arrays)"
             )
         for part, arrays in (("m", state[:n]), ("v", state[n:])):
-            problem = weights.problem(arrays, global_weights)
+            problem = weights.mismatch(arrays, global_weights) or weights.nonfinite(arrays)
             if problem is not None:
                 raise StrategyError(
                     f"{self.name}: state ({part}) does not fit the model: {problem}"

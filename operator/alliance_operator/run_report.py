@@ -58,7 +58,7 @@ class RunReport:
         done = (
             self.written.get("phase") in TERMINAL
             and self.written.get("observedGeneration") == meta.get("generation")
-            and not self.is_true("Invalid")  # runDefaults may be fixed since
+            and not is_true(self.written.get("conditions"), "Invalid")  # defaults may be fixed
         )
         if done and not meta.get("deletionTimestamp"):
             metrics.run_seen(meta["namespace"], meta["name"], meta["uid"], self.written)
@@ -73,42 +73,55 @@ class RunReport:
         now = k8s.get_custom(namespace, ALLIANCES, alliance["metadata"]["name"])
         return now is None or now.get("spec") != alliance.get("spec")
 
-    # --- conditions and waiting
+    # --- what the daemon found
 
-    def begin(self) -> None:
-        self._update = StatusUpdate({"metadata": self.body["metadata"], "status": self.written})
-
-    def set(self, type_: str, ok: bool | None, reason: str, message: str) -> None:
-        self._update.set(type_, ok, reason, message)
-
-    def is_true(self, type_: str) -> bool:
-        if self._update is not None:
-            return self._update.is_true(type_)
-        return is_true(self.written.get("conditions"), type_)
-
-    def waiting(self, message: str) -> None:
-        self._update.new.setdefault("phase", Phase.PENDING.value)
-        self._update.new["message"] = message
-        self._write()
-
-    def invalid(self, message: str) -> None:
-        self.set("Invalid", True, "InvalidSpec", message)
-        self._update.new.update(phase=Phase.FAILED.value, message=message)
-        self._write()
-
-    def restart(self) -> None:
-        conditions = self._update.conditions
-        self._update.new = {}
-        self._update.conditions = conditions
-
-    def store_down(self, reason: str, message: str, waiting: str) -> None:
-        self.begin_if_needed()
-        self.set("StoreReady", False, reason, message)
-        self.waiting(waiting)
-
-    def begin_if_needed(self) -> None:
+    @property
+    def _pending(self) -> StatusUpdate:
+        """The status this step builds, from the one last written."""
         if self._update is None:
-            self.begin()
+            self._update = StatusUpdate({"metadata": self.body["metadata"], "status": self.written})
+        return self._update
+
+    def alliance_found(self, name: str, found: bool) -> bool:
+        if found:
+            self._pending.set("AllianceFound", True, "Found", f'Alliance "{name}"')
+        else:
+            self._pending.set(
+                "AllianceFound", False, "AllianceNotFound", f'Alliance "{name}" not found'
+            )
+            self._waiting(f'waiting for Alliance "{name}"')
+        return found
+
+    def spec_valid(self, spec: RunSpec) -> None:
+        if self._pending.is_true("Invalid") and self.round == 0:  # fixed before it started: afresh
+            self._pending.new = {}
+        self._pending.set("Invalid", False, "Valid", "the spec is valid")
+        self.requested = spec
+
+    def spec_invalid(self, message: str) -> bool:
+        """Record an invalid spec. Before round 1 it fails the run (False: wait for a fix);
+        once started the run goes on with its pinned spec (True)."""
+        self.requested = None
+        if self.round >= 1:
+            message += "; ignored: the run keeps its first spec"
+            self._pending.set("Invalid", True, "InvalidSpec", message)
+            return True
+        self._pending.set("Invalid", True, "InvalidSpec", message)
+        self._pending.new.update(phase=Phase.FAILED.value, message=message)
+        self._write()
+        return False
+
+    def store_down(self, exc: Exception) -> None:
+        """The store cannot be used (StoreUnavailable has its own reason)."""
+        reason = getattr(exc, "reason", "StoreUnreachable")
+        self._pending.set("StoreReady", False, reason, str(exc))
+        unavailable = "unavailable" if hasattr(exc, "reason") else "unreachable"
+        self._waiting(f"store {unavailable}: {exc}")
+
+    def _waiting(self, message: str) -> None:
+        self._pending.new.setdefault("phase", Phase.PENDING.value)
+        self._pending.new["message"] = message
+        self._write()
 
     # --- drive's sink
 
@@ -127,8 +140,7 @@ class RunReport:
             )
 
     def save(self, old: RunStatus, status: RunStatus) -> None:
-        self.begin_if_needed()
-        update, self._update = self._update, None
+        update, self._update = self._pending, None
         meta = self.body["metadata"]
         new, cond = update.new, update.set
         cond("StoreReady", True, "Connected", f"run objects under runs/{store_run(self.body)}/")

@@ -106,7 +106,7 @@ def init_in_subprocess(
     )
 
 
-class LocalAlliance:
+class EmbeddedAlliance:
     """The S3 server and member processes of one embedded alliance, stopped together.
 
     A member process that dies is started again, as Kubernetes restarts a member's pod, up to
@@ -121,7 +121,7 @@ class LocalAlliance:
         self.members: list[MemberProcess] = []
         self.store: Store | None = None
 
-    def __enter__(self) -> LocalAlliance:
+    def __enter__(self) -> EmbeddedAlliance:
         self.server.start()
         self.store = Store(self.server.config)
         self.store.ensure_bucket()
