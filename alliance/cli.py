@@ -162,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds without a heartbeat after which a member counts as lost "
         "and drops out of its round (default 60)",
     )
+    p.add_argument(
+        "--members",
+        metavar="NAMES",
+        help="the alliance's members, comma-separated (e.g. hospital-a,hospital-b): anyone "
+        "else's heartbeat and results are ignored. Default: every member with a heartbeat",
+    )
     p.set_defaults(func=cmd_coordinate)
 
     p = add(
@@ -415,6 +421,7 @@ def cmd_run(args) -> int:
             StoreSink(alliance.store, run, on_change=progress.update),
             sleeping(),
             lost=lambda: alliance.supervise() | _init_failed(init),
+            members=alliance.names,
         )
         init.wait()
     progress.done(status, time.perf_counter() - started, work)
@@ -574,8 +581,18 @@ def cmd_coordinate(args) -> int:
     progress = Progress(spec, args.run)
     signal.signal(signal.SIGTERM, _interrupt)
     sink = StoreSink(store, args.run, on_change=progress.update)
+    named = {m.strip() for m in (args.members or "").split(",") if m.strip()}
+    members = (lambda: named) if named else None
+    if not named:
+        progress.say("every member with a heartbeat counts (--members names the alliance's)")
     status = drive(
-        store, args.run, spec, sink, sleeping(), heartbeat_timeout=args.heartbeat_timeout
+        store,
+        args.run,
+        spec,
+        sink,
+        sleeping(),
+        heartbeat_timeout=args.heartbeat_timeout,
+        members=members,
     )
     print(json.dumps(status.to_dict()["history"][-1:], indent=1) if status.history else "")
     print(f"run {args.run}: {status.phase}: {status.message}")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Protocol
 
 from alliance.coordinator import Coordinator
@@ -79,15 +79,23 @@ def drive(
     lost: Callable[[], set[str]] = set,
     poll_seconds: float = POLL_SECONDS,
     heartbeat_timeout: float = 60.0,
+    members: Callable[[], Collection[str]] | None = None,
 ) -> RunStatus:
     """Drive the run until it ends, or until ``stopped(poll_seconds)`` (which waits up to that
     long) says to stop; returns the last status. ``lost`` names the members known to be gone
-    (their pod failed, their process died) before their heartbeat says so."""
+    (their pod failed, their process died) before their heartbeat says so; ``members`` the
+    alliance's members (None: whoever has a heartbeat): anyone else is ignored, and a member
+    that leaves the list is lost at once."""
     status = sink.load() or RunStatus()
     spec = pin_spec(store, run, spec, status)
     sink.pinned(spec)
     coordinator = Coordinator(
-        store, run, spec, lost_members=lost, heartbeat_timeout=heartbeat_timeout
+        store,
+        run,
+        spec,
+        lost_members=lost,
+        heartbeat_timeout=heartbeat_timeout,
+        registered=members,
     )
     while True:
         new = coordinator.reconcile(status)

@@ -149,19 +149,21 @@ class EmbeddedAlliance:
         loaded) or has said its data is invalid, so round 1 asks all of them, and a resumed
         run does not mistake the "stopped" heartbeat of a member's previous process for a
         member that is gone. ``check`` is called on every poll and may raise to give up."""
-        names = {m.name for m in self.members}
+        names = self.names()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not self.supervise():
             check()
             beats = {
                 o.key.rsplit("/", 1)[-1].removesuffix(".json") for o in self.store.list_heartbeats()
             }
-            states = [
-                (self.store.get_json(heartbeat_key(n)) or {}).get("state") for n in names & beats
-            ]
+            states = [_state(self.store.get_json(heartbeat_key(n))) for n in names & beats]
             if len(states) == len(names) and set(states) <= {"ready", "invalid"}:
                 return
             time.sleep(0.1)
+
+    def names(self) -> set[str]:
+        """The alliance's members: the runs count no one else."""
+        return {m.name for m in self.members}
 
     def lost(self) -> set[str]:
         return {m.name for m in self.members if not m.alive}
@@ -187,3 +189,7 @@ class EmbeddedAlliance:
     def __exit__(self, *exc) -> None:
         stop_processes([m.process for m in self.members])
         self.server.stop()
+
+
+def _state(heartbeat: object) -> object:
+    return heartbeat.get("state") if isinstance(heartbeat, dict) else None

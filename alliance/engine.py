@@ -75,6 +75,8 @@ class RunSpec:
     validation_deadline_seconds: float = 120.0
     validation: str = "members"  # "members": every ready member with test data; "none"
     seed: int = 0
+    weighting: str = "examples"  # an update's weight: its numExamples, or "equal"
+    max_update_norm: float = 0.0  # refuse updates further than this from the model; 0: no bound
 
     @classmethod
     def from_dict(cls, data: dict | None) -> RunSpec:
@@ -108,6 +110,10 @@ class RunSpec:
         for name in ("round_deadline_seconds", "validation_deadline_seconds"):
             if not getattr(self, name) > 0:
                 raise SpecError(_camel(name), "must be positive")
+        if self.weighting not in ("examples", "equal"):
+            raise SpecError("weighting", f"must be 'examples' or 'equal', got {self.weighting!r}")
+        if not (0 <= self.max_update_norm < math.inf):
+            raise SpecError("maxUpdateNorm", "must be 0 (no bound) or a positive number")
         if self.validation not in ("members", "none"):
             raise SpecError("validation", f"must be 'members' or 'none', got {self.validation!r}")
         # Imported here so the engine's pure core has no import-time dependency on numpy.
@@ -231,6 +237,7 @@ class AggregateResult:
     train_seconds: float = 0.0
     update_bytes: int = 0  # the accepted updates' size, as stored (serialized weights)
     aggregation_seconds: float = 0.0  # wall time of the aggregation, measured by the driver
+    error: str | None = None  # why there is no model, when it is not too few updates
 
     def to_dict(self) -> dict:
         return {
@@ -407,12 +414,10 @@ def _aggregating(spec: RunSpec, status: RunStatus, obs: Observed):
     record.aggregation_seconds = result.aggregation_seconds
     record.aggregated_at = obs.now
     if result.model_id is None or len(result.accepted) < spec.min_members:
-        return _fail(
-            status,
-            obs,
-            f"round {status.round}: {len(result.accepted)} acceptable "
-            f"updates, minMembers is {spec.min_members}",
+        why = result.error or (
+            f"{len(result.accepted)} acceptable updates, minMembers is {spec.min_members}"
         )
+        return _fail(status, obs, f"round {status.round}: {why}")
     status.model_id = result.model_id
     status.optimizer_state_id = result.optimizer_state_id
     record.model_id = result.model_id
@@ -434,7 +439,7 @@ def _aggregating(spec: RunSpec, status: RunStatus, obs: Observed):
 def _validating(spec: RunSpec, status: RunStatus, obs: Observed):
     validators = set(status.validators)
     answered = {m: v for m, v in obs.validations.items() if m in validators}
-    done = {m: v for m, v in answered.items() if "error" not in v}
+    done = {m: v for m, v in answered.items() if "accuracy" in v}
     gone = (validators & obs.lost) | (set(answered) - set(done))
     waiting = validators - set(done) - gone
     late = obs.now >= status.stage_started_at + spec.validation_deadline_seconds
@@ -444,6 +449,11 @@ def _validating(spec: RunSpec, status: RunStatus, obs: Observed):
         )
         return status, []
     record = status.current
+    for m, v in sorted(answered.items()):
+        if "rejected" in v:
+            record.rejected[m] = f"validation rejected: {v['rejected']}"
+        elif "error" in v:
+            record.failed[m] = f"validation failed: {v['error']}"
     counted = {m: v for m, v in done.items() if v.get("numExamples", 0) > 0}
     record.validators = len(counted)
     record.accuracy = weighted_average((v["accuracy"], v["numExamples"]) for v in counted.values())

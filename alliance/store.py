@@ -57,7 +57,11 @@ class StoreError(RuntimeError):
     """The store refused a request, or stayed unreachable past the retry budget."""
 
 
-class IntegrityError(StoreError):
+class BadObject(StoreError):
+    """An object is there but unusable: larger than allowed, not what its key promises."""
+
+
+class IntegrityError(BadObject):
     """An object's content does not match its content address."""
 
 
@@ -219,13 +223,14 @@ class Store:
             ),
         )
 
-    def get_bytes(self, key: str) -> bytes | None:
-        """The object's bytes, or None when it does not exist."""
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes | None:
+        """The object's bytes, or None when it does not exist. An object larger than
+        ``max_bytes`` raises BadObject without being read."""
 
         def get() -> bytes:
             resp = self._client.get_object(self.bucket, key)
             try:
-                return resp.read()
+                return _read(resp, key, max_bytes)
             finally:
                 resp.close()
                 resp.release_conn()
@@ -238,15 +243,15 @@ class Store:
     def put_json(self, key: str, obj: Any) -> None:
         self.put_bytes(key, json.dumps(obj, sort_keys=True).encode(), "application/json")
 
-    def get_json(self, key: str) -> Any | None:
-        """A JSON object, or None when it does not exist.
+    def get_json(self, key: str, max_bytes: int | None = None, attempts: int = 10) -> Any | None:
+        """A JSON object, or None when it does not exist; BadObject when it is not JSON.
 
         Objects such as a run's task and status are overwritten in place, and a gateway may
         serve a read that overlaps a write cut short (seen with the JuiceFS gateway). Such a
-        torn read does not parse; it is read again.
+        torn read does not parse; it is read again, up to ``attempts`` times.
         """
-        for attempt in range(10):
-            data = self.get_bytes(key)
+        for attempt in range(attempts):
+            data = self.get_bytes(key, max_bytes)
             if data is None:
                 return None
             try:
@@ -254,7 +259,7 @@ class Store:
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 error = exc
                 time.sleep(0.02 * (attempt + 1))
-        raise StoreError(f"{key}: not valid JSON ({error})")
+        raise BadObject(f"{key}: not valid JSON ({error})")
 
     def exists(self, key: str) -> bool:
         try:
@@ -384,23 +389,30 @@ class Store:
             ),
         )
 
-    def get_update(self, run: str, round_: int, member: str) -> tuple[bytes, dict]:
-        """An update's bytes and metrics; raises IntegrityError when they do not match."""
+    def get_update(
+        self, run: str, round_: int, member: str, max_bytes: int | None = None
+    ) -> tuple[bytes, Any]:
+        """An update's bytes and metrics (as the member wrote them: check them); BadObject
+        when they do not match, are not JSON, or the update is larger than ``max_bytes``."""
         key = round_prefix(run, round_) + f"updates/{member}.npz"
 
-        def get() -> tuple[bytes, dict]:
+        def get() -> tuple[bytes, str]:
             resp = self._client.get_object(self.bucket, key)
             try:
-                return resp.read(), json.loads(resp.headers.get("x-amz-meta-alliance") or "{}")
+                return _read(resp, key, max_bytes), resp.headers.get("x-amz-meta-alliance") or "{}"
             finally:
                 resp.close()
                 resp.release_conn()
 
         try:
-            data, meta = self._call(f"get {key}", get)
-        except S3Error as exc:
-            raise StoreError(f"get {key}: {exc.code}: {exc.message}") from exc
-        if weights.content_id(data) != meta.get("sha256"):
+            data, header = self._call(f"get {key}", get)
+        except S3Error as exc:  # listed, then gone: its author removed it
+            raise BadObject(f"get {key}: {exc.code}: {exc.message}") from exc
+        try:
+            meta = json.loads(header)
+        except ValueError as exc:
+            raise BadObject(f"{key}: its metadata is not JSON ({exc})") from None
+        if not isinstance(meta, dict) or weights.content_id(data) != meta.get("sha256"):
             raise IntegrityError(f"{key}: content does not match the sha256 in its metadata")
         return data, meta
 
@@ -446,6 +458,19 @@ class Store:
 
     def put_run_status(self, run: str, status: dict) -> None:
         self.put_json(run_key(run, "status.json"), status)
+
+
+def _read(resp, key: str, max_bytes: int | None) -> bytes:
+    """A response's body, refusing one longer than ``max_bytes`` before reading it."""
+    if max_bytes is None:
+        return resp.read()
+    length = resp.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_bytes:
+        raise BadObject(f"{key}: {int(length)} bytes, more than the {max_bytes} allowed")
+    data = resp.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise BadObject(f"{key}: more than the {max_bytes} bytes allowed")
+    return data
 
 
 def _transient_s3(exc: S3Error) -> bool:

@@ -122,7 +122,9 @@ def run(work: Path, with_centralized: bool = True) -> tuple[Result, Result]:
 
             try:
                 sink = StoreSink(alliance.store, RUN, on_change=_Progress())
-                status = drive(alliance.store, RUN, spec, sink, sleeping(), lost=lost)
+                status = drive(
+                    alliance.store, RUN, spec, sink, sleeping(), lost=lost, members=alliance.names
+                )
                 init.wait()
             finally:
                 if init.poll() is None:  # the run failed before the seed model was written

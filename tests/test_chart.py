@@ -127,6 +127,8 @@ SCENARIOS: dict[str, dict] = {
                 # As `--set` passes decimals: strings.
                 "aggregatorParams": {"serverLearningRate": "0.01", "tau": "1e-3", "beta1": 0.9},
                 "roundDeadlineSeconds": "90.5",
+                "weighting": "equal",
+                "maxUpdateNorm": "1e3",
             },
         },
     },
@@ -539,6 +541,8 @@ def test_custom_images_and_resources(rendered):
         "aggregator": "fedadam",
         "aggregatorParams": {"serverLearningRate": 0.01, "tau": 0.001, "beta1": 0.9},
         "roundDeadlineSeconds": 90.5,
+        "weighting": "equal",
+        "maxUpdateNorm": 1000,
     }
     (tc,) = one(objs, "Pod", TEST_POD)["spec"]["containers"]
     assert tc["image"] == "example/alliance-member:1.2.3-gpu"

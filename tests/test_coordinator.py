@@ -31,7 +31,7 @@ def alliance(store):
     seed = store.put_model(model(0.0))
     store.put_alliance({"model": {"kind": "builtin", "name": "cnn"}, "seedModelId": seed})
     for m in ("a", "b", "c"):
-        store.put_heartbeat(m, {"state": "ready", "trainRows": 10, "testRows": 5})
+        store.put_heartbeat(m, {"state": "ready", "trainRows": 100, "testRows": 5})
     return store, seed
 
 

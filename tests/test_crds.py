@@ -58,6 +58,8 @@ RUN_DEFAULTS_FIELDS = {
     "aggregator",
     "aggregatorParams",
     "roundDeadlineSeconds",
+    "weighting",
+    "maxUpdateNorm",
 }
 JUNCTORS = ("oneOf", "anyOf", "allOf", "not")
 PYTHON_TO_OPENAPI = {

@@ -219,6 +219,15 @@ class FakeCluster:
     def delete_custom(self, kind: str, name: str) -> None:
         del self.custom[(NS, KINDS[kind][0], name)]
 
+    def begin_deletion(self, kind: str, name: str) -> None:
+        """A delete of an object with finalizers: it stays, with a deletionTimestamp."""
+        self.custom[(NS, KINDS[kind][0], name)]["metadata"]["deletionTimestamp"] = (
+            "2030-01-01T00:01:00Z"
+        )
+
+    def alliance_members(self) -> MemberIndex:
+        return MemberIndex(self)
+
     def patch_status(self, kind: str, name: str, patch: dict) -> None:
         """Merge a status patch in, as the status subresource does, and check the result
         against the CRD (nulls pruned, unknown fields rejected)."""
@@ -230,6 +239,24 @@ class FakeCluster:
         errors = [e for e in errors if e.startswith("status")]
         assert errors == [], f"{kind} status rejected by the CRD: {errors}"
         self.custom[key] = stored
+
+
+class MemberIndex:
+    """kopf's index of Member names by (namespace, alliance), main.alliance_members: Members
+    not being deleted. Read live, as kopf keeps it current from the watch."""
+
+    def __init__(self, cluster: FakeCluster):
+        self.cluster = cluster
+
+    def get(self, key: tuple[str, str], default=()):
+        names = [
+            m["metadata"]["name"]
+            for (ns, plural, _), m in self.cluster.custom.items()
+            if plural == KINDS["Member"][0]
+            and (ns, m["spec"].get("alliance")) == key
+            and not m["metadata"].get("deletionTimestamp")
+        ]
+        return names or default
 
 
 class OneStep:
@@ -259,7 +286,9 @@ class Operator:
         raw = copy.deepcopy(stored)
         if kind == "TrainingRun":
             mark = len(self.cluster.status_patches)
-            KINDS[kind][1].daemon(self.ctx, kopf.Body(raw), OneStep(), LOG)
+            run_handler.daemon(
+                self.ctx, kopf.Body(raw), OneStep(), LOG, self.cluster.alliance_members()
+            )
             patch = {}
             for written in self.cluster.status_patches[mark:]:
                 patch = merge_patch(patch, written) | {
@@ -1198,7 +1227,10 @@ def test_the_daemon_moves_the_run_as_soon_as_the_last_update_lands(
     update(s3, store_run, "m1")
     stopped = Stopper()
     body = kopf.Body(cluster.get("TrainingRun", RUN))
-    daemon = threading.Thread(target=run_handler.daemon, args=(ctx, body, stopped, LOG))
+    daemon = threading.Thread(
+        target=run_handler.daemon,
+        args=(ctx, body, stopped, LOG, cluster.alliance_members()),
+    )
     daemon.start()
     try:
         time.sleep(0.5)
@@ -1222,7 +1254,7 @@ def test_a_member_deleted_mid_round_is_dropped_at_once(op, cluster, ctx, federat
     op.reconcile("TrainingRun", RUN)
     store_run = op.status("TrainingRun", RUN)["storeRun"]
     update(s3, store_run, "m1")
-    member_handler.deleted(ctx, kopf.Body(cluster.get("Member", "m2")))
+    cluster.begin_deletion("Member", "m2")
     op.reconcile("TrainingRun", RUN)
     status = op.status("TrainingRun", RUN)
     assert status["stage"] == "Validating"

@@ -1,11 +1,12 @@
 """Which members the runs should count as lost, as the Member handler sees them.
 
 The Member handler looks at every member's agent pod (every few seconds) and sees its
-deletion; it reports both here, and each TrainingRun's daemon asks for its alliance's lost
-members on every step of its loop. A member is lost when its pod has failed, is stuck (e.g.
-CrashLoopBackOff), is being deleted or is gone (``PodState.lost``), or when its Member is
-deleted; it is found again when its pod runs. The heartbeats in the store say the rest (a
-stopped or silent agent), so nothing is lost when this is empty, as after a restart.
+state here, and each TrainingRun's daemon asks for its alliance's lost members on every step
+of its loop. A member is lost when its pod has failed, is stuck (e.g. CrashLoopBackOff), is
+being deleted or is gone (``PodState.lost``); it is found again when its pod runs. (A deleted
+Member leaves kopf's index of the alliance's members, main.py, which the runs read too.)
+The heartbeats in the store say the rest (a stopped or silent agent), so nothing is lost
+when this is empty, as after a restart.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ class MemberLosses:
         with self._lock:
             self._seen[(namespace, member)] = (alliance, lost)
 
-    def member_deleted(self, namespace: str, member: str, alliance: str) -> None:
-        self.observe(namespace, member, alliance, True)
+    def forget(self, namespace: str, member: str) -> None:
+        with self._lock:
+            self._seen.pop((namespace, member), None)
 
     def lost(self, namespace: str, alliance: str) -> set[str]:
         with self._lock:

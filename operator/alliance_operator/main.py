@@ -66,10 +66,17 @@ def member_timer(body, patch, logger, **_) -> None:
     _apply(patch, member.reconcile(CTX, body, logger))
 
 
+# Each alliance's Members, by (namespace, alliance): the only members its runs count. kopf
+# fills an index before any daemon starts; a Member being deleted leaves it at once.
+@kopf.index(GROUP, VERSION, MEMBERS, when=lambda meta, **_: not meta.get("deletionTimestamp"))
+def alliance_members(namespace, name, spec, **_) -> dict:
+    return {(namespace, spec.get("alliance")): name}
+
+
 # One thread per TrainingRun for its whole life: it drives the run (alliance/driver.py).
 @kopf.daemon(GROUP, VERSION, TRAININGRUNS, backoff=5)
-def trainingrun_daemon(body, stopped, logger, **_) -> None:
-    trainingrun.daemon(CTX, body, stopped, logger)
+def trainingrun_daemon(body, stopped, logger, alliance_members: kopf.Index, **_) -> None:
+    trainingrun.daemon(CTX, body, stopped, logger, alliance_members)
 
 
 @kopf.on.delete(GROUP, VERSION, TRAININGRUNS, backoff=10, retries=30)

@@ -153,8 +153,8 @@ def _finish(status: StatusUpdate) -> dict:
 
 
 def deleted(ctx: Context, body: dict) -> None:
-    """The Member is being deleted: the runs count it as lost at once, and it no longer counts
-    in its alliance's ready members."""
+    """The Member is gone: it no longer counts in its alliance's ready members. (The runs
+    already count it lost: it left kopf's index of members when its deletion began.)"""
     meta = body["metadata"]
-    ctx.losses.member_deleted(meta["namespace"], meta["name"], body["spec"]["alliance"])
+    ctx.losses.forget(meta["namespace"], meta["name"])
     metrics.forget_member(meta["namespace"], meta["name"], meta["uid"])

@@ -12,6 +12,8 @@ starts the loop again with it; from round 1 on the run keeps the spec pinned in 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import kopf
 
 from alliance.driver import FINISHED, drive
@@ -28,17 +30,18 @@ from alliance_operator.stores import StoreUnavailable
 RETRY_SECONDS = 2.0
 
 
-def daemon(ctx: Context, body: dict, stopped, logger) -> None:
+def daemon(ctx: Context, body: dict, stopped, logger, alliance_members: Mapping) -> None:
     """Run the TrainingRun until it ends or is deleted. ``body`` is kopf's live view of the
-    object; ``stopped`` is kopf's stop flag (``stopped.wait(seconds)``)."""
+    object; ``stopped`` is kopf's stop flag (``stopped.wait(seconds)``); ``alliance_members``
+    kopf's index of Member names by (namespace, alliance)."""
     report = RunReport(body)
     while not stopped and not report.settled():
-        if attempt(ctx, body, report, stopped):
+        if attempt(ctx, body, report, stopped, alliance_members):
             return
         stopped.wait(RETRY_SECONDS)
 
 
-def attempt(ctx: Context, body: dict, report: RunReport, stopped) -> bool:
+def attempt(ctx: Context, body: dict, report: RunReport, stopped, alliance_members) -> bool:
     """Prepare the run and drive it; True once it has ended. False when it has to wait (for
     its Alliance, its store, a fixed spec) or when an edit before round 1 restarts it."""
     meta, spec = body["metadata"], body["spec"]
@@ -70,6 +73,7 @@ def attempt(ctx: Context, body: dict, report: RunReport, stopped) -> bool:
             report,
             restart_or_stop,
             lost=ctx.losses.of(namespace, spec["alliance"]),
+            members=lambda: alliance_members.get((namespace, spec["alliance"]), ()),
             poll_seconds=ctx.config.run_interval,
             heartbeat_timeout=ctx.config.heartbeat_timeout,
         )
