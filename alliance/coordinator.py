@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from alliance import engine, strategies, untrusted, weights
 from alliance.engine import (
@@ -32,6 +32,8 @@ from alliance.engine import (
 from alliance.store import BadObject, Store, result_key
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+_ABSENT = object()
 
 #: How many updates are fetched ahead of the one being checked.
 PREFETCH = 4
@@ -151,7 +153,7 @@ class Coordinator:
             if content is None:
                 continue
             try:
-                beat: untrusted.Heartbeat | str = untrusted.heartbeat(content)
+                beat: untrusted.Heartbeat | str = _parsed(content, untrusted.heartbeat)
             except untrusted.Rejected as exc:
                 beat = f"heartbeat refused: {exc}"
                 log.warning("member %s: %s", _member_of(obj.key), beat)
@@ -180,9 +182,14 @@ class Coordinator:
     def _member_json(self, key: str) -> Any:
         """A member's JSON object (None: absent), or the Rejected saying why it is unusable."""
         try:
-            return self.store.get_json(key, max_bytes=untrusted.MAX_JSON_BYTES, attempts=2)
+            content = self.store.get_json(
+                key, max_bytes=untrusted.MAX_JSON_BYTES, attempts=2, missing=_ABSENT
+            )
         except BadObject as exc:
             return untrusted.Rejected(str(exc))
+        if content is None:  # JSON null: there, but not an object
+            return untrusted.Rejected(f"{key}: null, not a JSON object")
+        return None if content is _ABSENT else content
 
     def _fetch(self, round_: int, kind: str, members: set[str]) -> dict[str, Any]:
         """Results of a kind for a round, as the members wrote them; each is read once."""
@@ -211,9 +218,7 @@ class Coordinator:
         for m, content in self._fetch(round_, "validations", members).items():
             declared = self._declared.get(m, MemberState(m)).test_rows
             try:
-                if isinstance(content, untrusted.Rejected):
-                    raise content
-                out[m] = untrusted.validation(content, declared)
+                out[m] = _parsed(content, lambda c, n=declared: untrusted.validation(c, n))
             except untrusted.Rejected as exc:
                 out[m] = {"rejected": str(exc)}
         return out
@@ -410,6 +415,13 @@ def _prefetch(
             yield window.popleft()
     while window:
         yield window.popleft()
+
+
+def _parsed(content: Any, parse: Callable[[Any], T]) -> T:
+    """``parse(content)``, or the Rejected that reading it already gave, raised."""
+    if isinstance(content, untrusted.Rejected):
+        raise content
+    return parse(content)
 
 
 def _member_of(key: str) -> str:

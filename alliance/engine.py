@@ -451,9 +451,9 @@ def _validating(spec: RunSpec, status: RunStatus, obs: Observed):
     record = status.current
     for m, v in sorted(answered.items()):
         if "rejected" in v:
-            record.rejected[m] = f"validation rejected: {v['rejected']}"
+            _note(record.rejected, m, f"validation rejected: {v['rejected']}")
         elif "error" in v:
-            record.failed[m] = f"validation failed: {v['error']}"
+            _note(record.failed, m, f"validation failed: {v['error']}")
     counted = {m: v for m, v in done.items() if v.get("numExamples", 0) > 0}
     record.validators = len(counted)
     record.accuracy = weighted_average((v["accuracy"], v["numExamples"]) for v in counted.values())
@@ -464,6 +464,11 @@ def _validating(spec: RunSpec, status: RunStatus, obs: Observed):
     )
     record.validation_seconds = max((v.get("seconds", 0.0) for v in done.values()), default=0.0)
     return _finish_round(spec, status, obs)
+
+
+def _note(reasons: dict[str, str], member: str, reason: str) -> None:
+    """Add a reason for a member (one that also had its update refused keeps both)."""
+    reasons[member] = f"{reasons[member]}; {reason}" if member in reasons else reason
 
 
 def _finish_round(spec: RunSpec, status: RunStatus, obs: Observed):

@@ -243,8 +243,10 @@ class Store:
     def put_json(self, key: str, obj: Any) -> None:
         self.put_bytes(key, json.dumps(obj, sort_keys=True).encode(), "application/json")
 
-    def get_json(self, key: str, max_bytes: int | None = None, attempts: int = 10) -> Any | None:
-        """A JSON object, or None when it does not exist; BadObject when it is not JSON.
+    def get_json(
+        self, key: str, max_bytes: int | None = None, attempts: int = 10, missing: Any = None
+    ) -> Any:
+        """A JSON object, or ``missing`` when it does not exist; BadObject when it is not JSON.
 
         Objects such as a run's task and status are overwritten in place, and a gateway may
         serve a read that overlaps a write cut short (seen with the JuiceFS gateway). Such a
@@ -253,7 +255,7 @@ class Store:
         for attempt in range(attempts):
             data = self.get_bytes(key, max_bytes)
             if data is None:
-                return None
+                return missing
             try:
                 return json.loads(data)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:

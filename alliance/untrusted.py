@@ -67,10 +67,15 @@ def text(value: Any, limit: int = MAX_REASON_CHARS) -> str:
     return s if len(s) <= limit else s[: limit - 1] + "…"
 
 
+def _shown(value: Any) -> str:
+    """A member's value in a message: its repr, bounded."""
+    return text(repr(value), 60)
+
+
 def _count(obj: dict, key: str, limit: int, what: str) -> int:
     value = obj.get(key)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise Rejected(f"{key} must be an integer, got {text(value, 40)}")
+        raise Rejected(f"{key} must be an integer, got {_shown(value)}")
     if not 1 <= value <= limit:
         raise Rejected(f"{key} {value} is not in [1, {limit}] ({what})")
     return value
@@ -82,7 +87,7 @@ def _number(obj: dict, key: str, low: float = 0.0, high: float = math.inf) -> fl
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise Rejected(f"{key} must be a number, got {text(value, 40)}")
+        raise Rejected(f"{key} must be a number, got {_shown(value)}")
     value = float(value)
     if not (math.isfinite(value) and low <= value <= high):
         bounds = f"[{low:g}, {high:g}]" if math.isfinite(high) else f">= {low:g} and finite"
@@ -101,14 +106,14 @@ def heartbeat(content: Any) -> Heartbeat:
     content = _mapping(content)
     state = content.get("state")
     if state not in ("starting", "ready", "invalid", "stopped"):
-        raise Rejected(f"state must be starting, ready, invalid or stopped, got {text(state, 40)}")
+        raise Rejected(f"state must be starting, ready, invalid or stopped, got {_shown(state)}")
     if state != "ready":
         return Heartbeat(state)
     train = content.get("trainRows", 0)
     test = content.get("testRows", 0)
     for key, value in (("trainRows", train), ("testRows", test)):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ROWS:
-            raise Rejected(f"{key} must be an integer in [0, {MAX_ROWS}], got {text(value, 40)}")
+            raise Rejected(f"{key} must be an integer in [0, {MAX_ROWS}], got {_shown(value)}")
     return Heartbeat(state, train, test)
 
 

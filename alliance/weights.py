@@ -40,7 +40,7 @@ def loads(data: bytes) -> list[np.ndarray]:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             names = sorted(npz.files, key=_index_of)
             return [npz[name] for name in names]
-    except (OSError, ValueError, zipfile.BadZipFile, KeyError) as exc:
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, KeyError) as exc:
         raise WeightsError(f"not a weights archive (.npz of arrays): {exc}") from exc
 
 

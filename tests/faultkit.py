@@ -335,3 +335,58 @@ def assert_models_close(
 
 def _name(proc: subprocess.Popen) -> str:
     return " ".join(map(str, proc.args[2:7]))
+
+
+class HostileMember:
+    """A member that attacks the run with the store keys it holds, as a person would with the
+    minio client: it says it is ready, watches the run's tasks and answers each one it is given
+    with what ``update(base, round)`` (weights bytes, metrics) and ``validation(round)``
+    return, written exactly where an honest agent writes (a thread of the test)."""
+
+    def __init__(
+        self,
+        store: Store,
+        name: str,
+        *,
+        train_rows: int = 600,
+        test_rows: int = 200,
+        update: Callable[[list[np.ndarray], int], tuple[bytes, dict]] | None = None,
+        validation: Callable[[int], object] | None = None,
+    ):
+        self.store, self.name = store, name
+        self.heartbeat = {"state": "ready", "trainRows": train_rows, "testRows": test_rows}
+        self.update, self.validation = update, validation
+        self.answered: set[tuple[str, int, str]] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def __enter__(self) -> HostileMember:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _loop(self) -> None:
+        beat_at = 0.0
+        while not self._stop.is_set():
+            if time.monotonic() - beat_at >= 1.0:
+                self.store.put_heartbeat(self.name, self.heartbeat)
+                beat_at = time.monotonic()
+            for obj in self.store.list_tasks():
+                task = self.store.get_json(obj.key)
+                if isinstance(task, dict) and self.name in task["members"]:
+                    self._answer(task)
+            self._stop.wait(0.1)
+
+    def _answer(self, task: dict) -> None:
+        run, round_, kind = task["run"], task["round"], task["kind"]
+        if (run, round_, kind) in self.answered:
+            return
+        self.answered.add((run, round_, kind))
+        if kind == "train" and self.update is not None:
+            data, meta = self.update(self.store.get_model(task["modelId"]), round_)
+            self.store.put_update(run, round_, self.name, data, meta)
+        elif kind == "validate" and self.validation is not None:
+            self.store.put_result(run, round_, "validations", self.name, self.validation(round_))

@@ -169,6 +169,62 @@ def test_lost_member_is_dropped_at_once(alliance):
     assert status.phase == Phase.COMPLETED and status.history[0].dropped == ["c"]
 
 
+def test_only_registered_members_count_and_one_that_leaves_is_lost_at_once(alliance, caplog):
+    store, _ = alliance
+    store.put_heartbeat("ghost", {"state": "ready", "trainRows": 10**6, "testRows": 10**6})
+    members = {"a", "b", "c"}
+    coord = Coordinator(
+        store,
+        RUN,
+        RunSpec(rounds=1, min_members=2, validation="none"),
+        registered=lambda: members,
+    )
+    status = coord.reconcile(RunStatus())
+    assert status.selected == ["a", "b", "c"]
+    coord.reconcile(status)
+    warnings = [r.message for r in caplog.records if "ghost" in r.message]
+    assert warnings == ["ignoring ghost: not a member of this alliance"]  # once
+    train(store, "a", 1, 1.0, 10)
+    train(store, "b", 1, 1.0, 10)
+    train(store, "ghost", 1, 100.0, 10)  # not selected: never read
+    members.discard("c")  # its Member was deleted
+    status = coord.reconcile(status)
+    assert status.phase == Phase.COMPLETED and status.history[0].dropped == ["c"]
+    assert status.history[0].members == ["a", "b"]
+
+
+def test_an_unreadable_aggregate_json_is_aggregated_again(alliance):
+    store, _ = alliance
+    coord = Coordinator(store, RUN, RunSpec(rounds=1, validation="none"))
+    status = coord.reconcile(RunStatus())
+    for m in ("a", "b", "c"):
+        train(store, m, 1, 1.0, 10)
+    from alliance.engine import Aggregate
+
+    action = Aggregate(1, ("a", "b", "c"), status.model_id, None)
+    first = coord.aggregate(action)
+    for garbage in (b"[1, 2", b"[]", b'{"modelId": 5, "accepted": 3}'):
+        store.put_bytes(f"runs/{RUN}/rounds/00001/aggregate.json", garbage)
+        again = coord.aggregate(action)
+        assert again.model_id == first.model_id and again.accepted == first.accepted
+
+
+def test_heartbeats_that_are_not_heartbeats_keep_their_member_out(alliance, caplog):
+    store, _ = alliance
+    store.put_bytes("members/a.json", b"[1, 2, 3]")
+    store.put_heartbeat("b", {"state": "ready", "trainRows": "lots"})
+    store.put_bytes("members/c.json", b"{" * 100_000)  # too large to read
+    obs = Coordinator(store, RUN, RunSpec()).observe(RunStatus())
+    assert obs.ready == {}
+    refused = sorted(r.message for r in caplog.records if "heartbeat refused" in r.message)
+    assert refused == [
+        "member a: heartbeat refused: expected a JSON object, got list",
+        "member b: heartbeat refused: trainRows must be an integer in [0, 9007199254740992], "
+        "got 'lots'",
+        "member c: heartbeat refused: members/c.json: 100000 bytes, more than the 65536 allowed",
+    ]
+
+
 def test_stale_heartbeat_and_invalid_data_keep_members_out(alliance):
     store, _ = alliance
     store.put_heartbeat("c", {"state": "invalid", "message": "train.csv, line 3: nan"})
