@@ -23,6 +23,7 @@ from alliance.engine import (
     Aggregate,
     AggregateResult,
     Finish,
+    KeepRecord,
     MemberState,
     Observed,
     PublishTask,
@@ -242,6 +243,8 @@ class Coordinator:
             )
         elif isinstance(action, Aggregate):
             self.aggregate(action)
+        elif isinstance(action, KeepRecord):
+            self.store.put_round_record(self.run, action.round, action.record)
         elif isinstance(action, Finish):
             self.store.delete_task(self.run)
 

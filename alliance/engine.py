@@ -291,7 +291,20 @@ class Finish:
     """The run is over: withdraw its task."""
 
 
-Action = PublishTask | Aggregate | Finish
+@dataclass(frozen=True)
+class KeepRecord:
+    """A round has ended: keep its record in the store for good (the status keeps only the
+    newest STATUS_HISTORY_ROUNDS)."""
+
+    round: int
+    record: dict
+
+
+Action = PublishTask | Aggregate | Finish | KeepRecord
+
+#: Rounds a run's status keeps in its history, the newest; every round's record is kept in the
+#: store too (``runs/<run>/rounds/NNNNN/record.json``), so a long run's status stays small.
+STATUS_HISTORY_ROUNDS = 100
 
 
 def step(spec: RunSpec, status: RunStatus, obs: Observed) -> tuple[RunStatus, list[Action]]:
@@ -356,6 +369,7 @@ def _start_round(spec: RunSpec, status: RunStatus, obs: Observed, round_: int):
     status.stage_started_at = obs.now
     status.selected = selected
     status.validators = []
+    status.history = status.history[-(STATUS_HISTORY_ROUNDS - 1) :]
     status.history.append(RoundRecord(round=round_, started_at=obs.now))
     status.message = f"round {round_}: training on {len(selected)} members"
     deadline = obs.now + spec.round_deadline_seconds
@@ -474,14 +488,20 @@ def _note(reasons: dict[str, str], member: str, reason: str) -> None:
 def _finish_round(spec: RunSpec, status: RunStatus, obs: Observed):
     record = status.current
     record.finished_at = obs.now
+    kept = _keep(record)
     if status.round >= spec.rounds:
         status.phase = Phase.COMPLETED
         status.stage = None
         status.finished_at = obs.now
         acc = "" if record.accuracy is None else f", accuracy {record.accuracy:.4f}"
         status.message = f"completed {status.round} rounds{acc}"
-        return status, [Finish()]
-    return _start_round(spec, status, obs, status.round + 1)
+        return status, [kept, Finish()]
+    status, actions = _start_round(spec, status, obs, status.round + 1)
+    return status, [kept, *actions]
+
+
+def _keep(record: RoundRecord) -> KeepRecord:
+    return KeepRecord(record.round, {_camel(k): v for k, v in asdict(record).items()})
 
 
 def _fail(status: RunStatus, obs: Observed, message: str):
@@ -490,4 +510,5 @@ def _fail(status: RunStatus, obs: Observed, message: str):
     status.message = message
     if status.current:
         status.current.finished_at = obs.now
+        return status, [_keep(status.current), Finish()]
     return status, [Finish()]

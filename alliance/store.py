@@ -439,6 +439,13 @@ class Store:
             for kind in kinds
         }
 
+    def put_round_record(self, run: str, round_: int, record: dict) -> None:
+        """A finished round's record (the engine's RoundRecord), kept for good."""
+        self.put_json(round_prefix(run, round_) + "record.json", record)
+
+    def get_round_record(self, run: str, round_: int) -> dict | None:
+        return self.get_json(round_prefix(run, round_) + "record.json")
+
     def get_aggregate(self, run: str, round_: int) -> dict | None:
         """A round's aggregation result (written once: the new model's id, who was accepted)."""
         return self.get_json(round_prefix(run, round_) + "aggregate.json")

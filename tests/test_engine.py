@@ -6,6 +6,7 @@ from alliance.engine import (
     Aggregate,
     AggregateResult,
     Finish,
+    KeepRecord,
     MemberState,
     Observed,
     Phase,
@@ -21,6 +22,11 @@ from alliance.engine import (
 
 SEED = "seed0"
 M3 = ("a", "b", "c")
+
+
+def kept(status: RunStatus, index: int = -1) -> KeepRecord:
+    """The action that keeps a round's record in the store."""
+    return KeepRecord(status.history[index].round, status.to_dict()["history"][index])
 
 
 def ready(*names, test_rows=100):
@@ -124,7 +130,7 @@ def test_deadline_without_quorum_fails_the_run():
     spec = RunSpec(min_members=2, round_deadline_seconds=60)
     status, _ = started(spec)
     status, actions = step(spec, status, obs(61, updates=frozenset({"a"})))
-    assert status.phase == Phase.FAILED and actions == [Finish()]
+    assert status.phase == Phase.FAILED and actions == [kept(status), Finish()]
     assert "round 1: 1 updates, minMembers is 2" in status.message
 
 
@@ -166,7 +172,7 @@ def test_aggregation_result_starts_validation_on_members_with_test_data():
 def test_rejected_updates_below_quorum_fail_the_run():
     spec = RunSpec(min_members=3)
     status, actions = aggregated(spec, accepted=("a", "b"), rejected={"c": "NaN"})
-    assert status.phase == Phase.FAILED and actions == [Finish()]
+    assert status.phase == Phase.FAILED and actions == [kept(status), Finish()]
     assert status.current.rejected == {"c": "NaN"}
 
 
@@ -185,7 +191,10 @@ def test_validation_accuracy_is_weighted_by_examples_and_next_round_starts():
     assert first.validators == 2 and first.validation_seconds == 2.0
     assert first.finished_at == 8 and first.seconds == 8
     assert status.round == 2 and status.stage == Stage.TRAINING
-    assert actions == [PublishTask(2, TaskKind.TRAIN, M3, "m1", 608.0)]
+    assert actions == [
+        kept(status, 0),
+        PublishTask(2, TaskKind.TRAIN, M3, "m1", 608.0),
+    ]
 
 
 def test_last_round_completes_the_run():
@@ -196,7 +205,7 @@ def test_last_round_completes_the_run():
         status,
         obs(8, validations={m: {"numExamples": 10, "accuracy": 1.0, "loss": 0.0} for m in M3}),
     )
-    assert status.phase == Phase.COMPLETED and actions == [Finish()]
+    assert status.phase == Phase.COMPLETED and actions == [kept(status), Finish()]
     assert status.message == "completed 1 rounds, accuracy 1.0000"
     assert step(spec, status, obs(9)) == (status, [])
 
@@ -204,7 +213,7 @@ def test_last_round_completes_the_run():
 def test_no_validation_goes_straight_to_the_next_round():
     spec = RunSpec(rounds=2, validation="none")
     status, actions = aggregated(spec)
-    assert status.round == 2 and actions[0].kind == TaskKind.TRAIN
+    assert status.round == 2 and actions[0] == kept(status, 0) and actions[1].kind == TaskKind.TRAIN
 
 
 def test_status_round_trips_through_its_dict_form():
@@ -266,3 +275,19 @@ def test_validators_without_training_data_only_validate():
     assert actions[0].kind == TaskKind.VALIDATE and actions[0].members == (*M3, "v")
     status, _ = step(spec, RunStatus(), obs(0, ready={"v": members["v"], "a": members["a"]}))
     assert status.message == "waiting for members: 1 of 2 ready"
+
+
+def test_the_status_keeps_the_newest_rounds_and_every_record_is_kept():
+    from alliance.engine import STATUS_HISTORY_ROUNDS
+
+    spec = RunSpec(rounds=STATUS_HISTORY_ROUNDS + 5, validation="none")
+    status, _ = started(spec)
+    kept_rounds = []
+    for r in range(1, spec.rounds + 1):
+        status, _ = step(spec, status, obs(r, updates=frozenset(M3)))
+        result = AggregateResult(f"m{r}", accepted=M3, num_examples=30)
+        status, actions = step(spec, status, obs(r, updates=frozenset(M3), aggregate=result))
+        kept_rounds += [a.round for a in actions if isinstance(a, KeepRecord)]
+    assert status.phase == Phase.COMPLETED
+    assert kept_rounds == list(range(1, spec.rounds + 1))
+    assert [r.round for r in status.history] == list(range(6, spec.rounds + 1))

@@ -1259,3 +1259,31 @@ def test_a_member_deleted_mid_round_is_dropped_at_once(op, cluster, ctx, federat
     status = op.status("TrainingRun", RUN)
     assert status["stage"] == "Validating"
     assert status["history"][0]["dropped"] == ["m2"] and status["validators"] == ["m1"]
+
+
+def test_an_alliance_deleted_mid_run_pauses_the_run_until_it_is_back(
+    op, cluster, events, federation, s3
+):
+    cluster.apply("TrainingRun", RUN, run_spec())
+    op.reconcile("TrainingRun", RUN)
+    store_run = op.status("TrainingRun", RUN)["storeRun"]
+    spec = cluster.get("Alliance", "mnist")["spec"]
+    cluster.delete_custom("Alliance", "mnist")
+    seen = len(events)
+    op.reconcile("TrainingRun", RUN)
+    status = op.status("TrainingRun", RUN)
+    assert op.condition("TrainingRun", RUN, "AllianceFound") == ("False", "AllianceNotFound")
+    assert op.conditions("TrainingRun", RUN)["AllianceFound"]["message"] == (
+        'Alliance "mnist" not found; the run is paused in round 1 until it is back'
+    )
+    assert (status["phase"], status["round"], status["stage"]) == ("Running", 1, "Training")
+    assert ("Warning", "AllianceNotFound") in [e[:2] for e in op.new_events(seen)]
+
+    cluster.apply("Alliance", "mnist", spec)  # back: the run goes on where it was
+    for member in ("m1", "m2"):
+        update(s3, store_run, member)
+    op.reconcile("TrainingRun", RUN)
+    status = op.status("TrainingRun", RUN)
+    assert op.condition("TrainingRun", RUN, "AllianceFound") == ("True", "Found")
+    assert (status["round"], status["stage"]) == (1, "Validating")
+    assert status["history"][0]["members"] == ["m1", "m2"]

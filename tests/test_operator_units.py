@@ -1072,3 +1072,27 @@ def test_kopf_keeps_a_digest_not_a_copy_of_what_the_author_wrote(monkeypatch):
     assert storage.fetch(body=seen) == storage.build(body=seen)  # nothing changed
     member["spec"]["trainCommand"] = "u"
     assert storage.fetch(body=seen) != storage.build(body=kopf.Body(member))  # a change
+
+
+def test_the_status_history_shows_the_newest_rounds_and_reasons_within_bounds():
+    from alliance_operator import run_report
+
+    from alliance.engine import RoundRecord, RunStatus
+
+    rejected = {f"m{i:03d}": "update rejected: NaN" for i in range(50)}
+    record = run_report._shortened({"round": 1, "rejected": dict(rejected), "failed": {"a": "x"}})
+    assert len(record["rejected"]) == run_report.STATUS_REASONS + 1
+    assert record["rejected"]["..."] == "30 more in the round's record.json"
+    assert record["failed"] == {"a": "x"}
+    # Rounds are news once, even when the status shows only the newest.
+    old = {"history": [{"round": r, "aggregatedAt": 1.0, "finishedAt": 2.0} for r in (11, 12)]}
+    status = RunStatus(
+        history=[RoundRecord(r, aggregated_at=1.0, finished_at=2.0) for r in range(1, 14)]
+    )
+    aggregated, finished = run_report.new_rounds(old, status)
+    assert [r.round for r in aggregated] == [r.round for r in finished] == [13]
+
+
+def test_condition_messages_are_cut_to_the_api_limit():
+    (cond,) = set_condition(None, "Ready", False, "Bad", "x" * 40_000, 1, "2030-01-01T00:00:00Z")
+    assert len(cond["message"]) == 32768 and cond["message"].endswith("…")

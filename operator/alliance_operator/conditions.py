@@ -11,6 +11,10 @@ def now_rfc3339(ts: float | None = None) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+#: metav1.Condition's limit on a message (characters).
+MAX_MESSAGE = 32768
+
+
 def set_condition(
     conditions: Iterable[dict] | None,
     type_: str,
@@ -31,7 +35,7 @@ def set_condition(
         "type": type_,
         "status": value,
         "reason": reason,
-        "message": message,
+        "message": message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 1] + "…",
         "lastTransitionTime": (
             old["lastTransitionTime"] if old and old.get("status") == value else now
         ),

@@ -21,6 +21,12 @@ from alliance_operator.constants import ALLIANCES, TRAININGRUNS
 from alliance_operator.status import StatusUpdate
 
 TERMINAL = (Phase.COMPLETED.value, Phase.FAILED.value)
+#: Rounds a TrainingRun's status shows, the newest (the store keeps every round's record:
+#: runs/<storeRun>/rounds/NNNNN/record.json), so a long run's object stays far below the API
+#: server's size limit.
+STATUS_ROUNDS = 10
+#: Members listed with their reason per round (rejected, failed) in the status.
+STATUS_REASONS = 20
 #: How often a run that has not started looks at its Alliance for edits (seconds).
 ALLIANCE_CHECK_SECONDS = 2.0
 
@@ -65,13 +71,15 @@ class RunReport:
         return done
 
     def alliance_changed(self, namespace: str, alliance: dict) -> bool:
-        """Before round 1: has the Alliance's spec (runDefaults, store) changed? Looked up at
-        most every ALLIANCE_CHECK_SECONDS."""
+        """Must the loop stop to look at the Alliance again: it is gone or being deleted, or
+        (before round 1) its spec changed? Looked up at most every ALLIANCE_CHECK_SECONDS."""
         if time.monotonic() - self._alliance_checked < ALLIANCE_CHECK_SECONDS:
             return False
         self._alliance_checked = time.monotonic()
         now = k8s.get_custom(namespace, ALLIANCES, alliance["metadata"]["name"])
-        return now is None or now.get("spec") != alliance.get("spec")
+        if now is None or now["metadata"].get("deletionTimestamp"):
+            return True
+        return self.round == 0 and now.get("spec") != alliance.get("spec")
 
     # --- what the daemon found
 
@@ -82,15 +90,20 @@ class RunReport:
             self._update = StatusUpdate({"metadata": self.body["metadata"], "status": self.written})
         return self._update
 
-    def alliance_found(self, name: str, found: bool) -> bool:
-        if found:
+    def alliance_found(self, name: str, alliance: dict | None) -> bool:
+        """Record whether the run's Alliance is there (and not being deleted)."""
+        if alliance is not None and not alliance["metadata"].get("deletionTimestamp"):
             self._pending.set("AllianceFound", True, "Found", f'Alliance "{name}"')
-        else:
-            self._pending.set(
-                "AllianceFound", False, "AllianceNotFound", f'Alliance "{name}" not found'
-            )
-            self._waiting(f'waiting for Alliance "{name}"')
-        return found
+            return True
+        reason, why = (
+            ("AllianceNotFound", "not found")
+            if alliance is None
+            else ("AllianceDeleting", "is being deleted")
+        )
+        paused = f"; the run is paused in round {self.round} until it is back" * (self.round >= 1)
+        self._pending.set("AllianceFound", False, reason, f'Alliance "{name}" {why}{paused}')
+        self._waiting(f'waiting for Alliance "{name}"{paused}')
+        return False
 
     def spec_valid(self, spec: RunSpec) -> None:
         if self._pending.is_true("Invalid") and self.round == 0:  # fixed before it started: afresh
@@ -148,6 +161,7 @@ class RunReport:
         # out here too, or every step would see a change. (A None at the top level stays: the
         # merge patch deletes that key.)
         new.update({k: _without_nulls(v) for k, v in status.to_dict().items()})
+        new["history"] = [_shortened(r) for r in new["history"][-STATUS_ROUNDS:]]
         new["storeRun"] = store_run(self.body)
         validated = [r for r in status.history if r.accuracy is not None]
         if validated:
@@ -205,16 +219,28 @@ def _without_nulls(value):
     return value
 
 
+def _shortened(record: dict) -> dict:
+    """A round for the status: at most STATUS_REASONS members per reason map, and a count of
+    the rest (all of them are in the round's record in the store)."""
+    for key in ("rejected", "failed"):
+        reasons = record.get(key) or {}
+        if len(reasons) > STATUS_REASONS:
+            kept = dict(sorted(reasons.items())[:STATUS_REASONS])
+            kept["..."] = f"{len(reasons) - STATUS_REASONS} more in the round's record.json"
+            record[key] = kept
+    return record
+
+
 def new_rounds(old: dict, status: RunStatus) -> tuple[list[RoundRecord], list[RoundRecord]]:
     """The rounds aggregated and the rounds finished since the status ``old``: what an
     earlier process recorded is not news, so Events and metrics count each round once,
-    whichever operator process ran it."""
+    whichever operator process ran it. (Rounds go in order, and the status keeps the newest.)"""
     history = old.get("history") or ()
-    aggregated_before = {r["round"] for r in history if r.get("aggregatedAt")}
-    finished_before = {r["round"] for r in history if r.get("finishedAt")}
+    aggregated = max((r["round"] for r in history if r.get("aggregatedAt")), default=0)
+    finished = max((r["round"] for r in history if r.get("finishedAt")), default=0)
     return (
-        [r for r in status.history if r.aggregated_at and r.round not in aggregated_before],
-        [r for r in status.history if r.finished_at and r.round not in finished_before],
+        [r for r in status.history if r.aggregated_at and r.round > aggregated],
+        [r for r in status.history if r.finished_at and r.round > finished],
     )
 
 

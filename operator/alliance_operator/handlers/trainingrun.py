@@ -7,7 +7,8 @@
 
 The daemon starts from the status it last wrote (a restarted operator: the stored one), and the
 engine resumes at the same round. Until round 1 starts, an edit of the run or of its Alliance
-starts the loop again with it; from round 1 on the run keeps the spec pinned in the store.
+starts the loop again with it; from round 1 on the run keeps the spec pinned in the store. A
+run whose Alliance is deleted pauses (AllianceFound=False) and resumes when it is back.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def attempt(ctx: Context, body: dict, report: RunReport, stopped, alliance_membe
     meta, spec = body["metadata"], body["spec"]
     namespace, generation = meta["namespace"], meta.get("generation")
     alliance = k8s.get_custom(namespace, ALLIANCES, spec["alliance"])
-    if not report.alliance_found(spec["alliance"], alliance is not None):
+    if not report.alliance_found(spec["alliance"], alliance):
         return False
     try:
         run_spec = requested_spec(spec, alliance)
@@ -62,7 +63,7 @@ def attempt(ctx: Context, body: dict, report: RunReport, stopped, alliance_membe
         """drive's stop flag: the daemon is stopped, or an edit must restart the loop."""
         if stopped.wait(seconds) or meta.get("generation") != generation:
             return True  # after round 1 an edit is reported (SpecChangeIgnored) and ignored
-        return report.round == 0 and report.alliance_changed(namespace, alliance)
+        return report.alliance_changed(namespace, alliance)
 
     try:
         store = ctx.stores.for_alliance(namespace, alliance)
