@@ -621,6 +621,8 @@ def cmd_check_data(args) -> int:
         print("  test: none (this member will not validate models)")
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(summary.label_counts.items()))
     print(f"  train labels: {counts}")
+    for warning in summary.warnings:  # valid data, likely not what was meant: still exit 0
+        print(f"  warning: {warning}")
     return 0
 
 

@@ -41,8 +41,8 @@ PREFETCH = 4
 #: Updates are read once to check them (and measure their distance from the global model,
 #: which needs the whole round), and their arrays kept for the aggregation up to this many
 #: bytes; the rest are read again (and must be the same bytes). The aggregation's memory is
-#: this plus (1 + PREFETCH) updates, whatever the number of members.
-KEEP_BYTES = 256 * 2**20
+#: this plus (1 + PREFETCH) updates, whatever the number of members (9c in the README).
+KEEP_BYTES = 64 * 2**20
 
 
 class Coordinator:

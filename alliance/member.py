@@ -159,12 +159,15 @@ class Agent:
             self._publish_state({"state": "invalid", "error": exc.to_dict(), "message": str(exc)})
             return None
         log.info("data ready: %d train rows, %d test rows", summary.train_rows, summary.test_rows)
-        return {
+        ready = {
             "state": "ready",
             "trainRows": summary.train_rows,
             "testRows": summary.test_rows,
             "schema": self.config.schema.to_dict(),
         }
+        if summary.warnings:  # valid, but likely not what was meant (e.g. one label only)
+            ready["warnings"] = list(summary.warnings)
+        return ready
 
     def trainer(self) -> Trainer:
         if self._trainer is None:

@@ -47,9 +47,11 @@ benchmarks:
       Target: <= 1 s per round. (Running 9b without 9a skips the centralized epoch.)
   9c  FedAvg of K = 2, 4, 8, 16, 32, 64 updates shaped like the base CNN (1,199,882 float32),
       streamed from .npz files on disk through strategies.create("fedavg").aggregate, and from
-      a real S3 gateway through Coordinator.aggregate (prefetching, checks, writes the model).
+      a real S3 gateway through Coordinator.aggregate (prefetching, checks, writes the model;
+      checked updates kept for the aggregation up to 64 MiB, the rest read again).
       Seconds, tracemalloc peak and RSS delta of each aggregation; the result is checked
-      against the exact weighted mean. Target: peak memory does not grow with K.
+      against the exact weighted mean. Target: peak memory does not grow with K (K=64 vs
+      K=16).
   9d  The coordinator and engine alone, no TensorFlow: a real S3 gateway, 1,000 members
       simulated by one child process (heartbeats, and an update or validation for each task
       addressed to them), 3 rounds driven by Coordinator.reconcile in alliance.driver's loop.

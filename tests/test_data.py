@@ -483,7 +483,7 @@ def test_validate_data_dir_summary_and_later_load_is_free(tmp_path, monkeypatch)
         validate_data_dir(d, TINY, require_test=True)
     assert (info.value.rule, info.value.file) == ("missing-file", str(d / "test.csv"))
 
-    write(d, "test.csv.gz", tiny_csv("0,1,1,1,1"))
+    write(d, "test.csv.gz", tiny_csv("0,1,2,1,1"))
     summary = validate_data_dir(d, TINY, require_test=True)
     assert summary.to_dict() == {
         "trainRows": 3,

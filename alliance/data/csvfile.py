@@ -250,20 +250,43 @@ def _check_pixel_order(
         if m is None:
             return  # other names: no order to check
         pairs.append((int(m.group(1)), int(m.group(2))))
-    base = min(pairs[0])
-    cols = shape[1]
+    # The origin of the whole header (not of its first name, which may be any pixel).
+    base = 0 if any(0 in p for p in pairs) else 1
+    rows, cols = shape[0], shape[1]
+    want = [(base + k // cols, base + k % cols) for k in range(len(pairs))]
     for k, j in enumerate(feature_idx):
-        want = (base + k // cols, base + k % cols)
-        if pairs[k] != want:
+        if pairs[k] != want[k]:
             raise DataError(
                 "column-order",
                 f"pixel columns must be in row-major order (row by row, RxC = row R, column "
-                f"C): expected '{want[0]}x{want[1]}' here, found '{names[j]}'",
+                f"C): expected '{want[k][0]}x{want[k][1]}' here, found '{names[j]}'"
+                + _order_hint(pairs, want, base, rows, cols),
                 file=file,
                 line=1,
                 column=names[j],
                 column_index=j + 1,
             )
+
+
+def _order_hint(
+    pairs: list[tuple[int, int]], want: list[tuple[int, int]], base: int, rows: int, cols: int
+) -> str:
+    """When every pixel column is there, only in another order: say so (and how to fix it)."""
+    if set(pairs) != set(want) or len(want) < 3:
+        return ""
+
+    def name(p: tuple[int, int]) -> str:
+        return f"{p[0]}x{p[1]}"
+
+    fix = f"write them row by row: {name(want[0])}, {name(want[1])}, …, {name(want[-1])}"
+    by_column = [(base + k % rows, base + k // rows) for k in range(len(pairs))]
+    if pairs == by_column:
+        return (
+            f"; all {len(pairs)} pixel columns are present, column by column "
+            f"({name(by_column[0])}, {name(by_column[1])}, …): the images would come out "
+            f"transposed; {fix}"
+        )
+    return f"; all {len(pairs)} pixel columns are present, in another order: {fix}"
 
 
 def split_csv_line(text: str, delimiter: str) -> list[str]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-#: Every ``DataError.rule``, in the order the checks run (header first, then the rows).
+#: Every ``DataError.rule``, in the order the checks run (header first, then the rows, then
+#: the file as a whole).
 RULES = (
     "schema",  # the schema itself (fields, types, values)
     "missing-file",  # data directory or train.csv / test.csv (.gz) not found
@@ -18,6 +19,10 @@ RULES = (
     "nan",  # an empty cell, or NaN / NA / inf
     "label-range",  # a label that is not an integer in 0..num_classes-1
     "pixel-range",  # a feature value outside [min_value, max_value]
+    # The whole file, once it is parsed:
+    "all-zero",  # every feature value is 0
+    "constant-features",  # every row has the same feature values
+    "prescaled",  # values within 0..1 while the schema expects a wider range and divides
 )
 
 

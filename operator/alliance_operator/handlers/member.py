@@ -21,6 +21,11 @@ from alliance_operator.resources.pods import member_pod, member_pod_name
 from alliance_operator.status import StatusUpdate
 from alliance_operator.stores import StoreUnavailable
 
+#: Of the data warnings in a heartbeat (member-written, untrusted): the most kept, and the
+#: longest each may be (characters).
+MAX_DATA_WARNINGS = 5
+MAX_WARNING_CHARS = 300
+
 
 def reconcile(ctx: Context, body: dict, logger) -> dict:
     meta = body["metadata"]
@@ -129,14 +134,31 @@ def _data_condition(cond, beat: dict | None) -> None:
     elif state == "invalid":
         cond("DataReady", False, "InvalidData", beat.get("message") or "the data is invalid")
     elif state == "ready" or (state == "stopped" and "trainRows" in beat):
-        cond(
-            "DataReady",
-            True,
-            "Valid",
-            f"{beat.get('trainRows', 0)} training rows, {beat.get('testRows', 0)} test rows",
-        )
+        rows = f"{beat.get('trainRows', 0)} training rows, {beat.get('testRows', 0)} test rows"
+        warnings = _data_warnings(beat.get("warnings"))
+        if warnings:  # valid data that is likely not what was meant (e.g. one label only)
+            label = "warning" if len(warnings) == 1 else "warnings"
+            cond("DataReady", True, "ValidWithWarnings", f"{rows}; {label}: {'; '.join(warnings)}")
+        else:
+            cond("DataReady", True, "Valid", rows)
     else:
         cond("DataReady", None, "Validating", "the agent is validating its data")
+
+
+def _data_warnings(value) -> list[str]:
+    """The heartbeat's ``warnings`` when it is a list of strings (else none), bounded: at most
+    MAX_DATA_WARNINGS, each on one line and cut to MAX_WARNING_CHARS."""
+    if not isinstance(value, list):
+        return []
+    value = value[:MAX_DATA_WARNINGS]
+    if not all(isinstance(w, str) for w in value):
+        return []
+    out = []
+    for w in value:
+        w = " ".join(w[: 2 * MAX_WARNING_CHARS].split())
+        if w:
+            out.append(w if len(w) <= MAX_WARNING_CHARS else w[: MAX_WARNING_CHARS - 1] + "…")
+    return out
 
 
 def _finish(status: StatusUpdate) -> dict:
