@@ -148,6 +148,13 @@ def run(work: Path, ks: tuple[int, ...] = KS) -> Result:
             " · ".join(parts),
             value=rows["s3"][ks.index(k_count)]["seconds"] if rows["s3"] else None,
         )
+    if rows["s3"]:
+        per_update = [e["checkSeconds"] / e["k"] for e in rows["s3"]]
+        res.row(
+            "S3: the checks of an update's arrays (shapes, dtypes, NaN/Inf, distance)",
+            f"{1000 * min(per_update):.1f}–{1000 * max(per_update):.1f} ms per update",
+            value=max(per_update),
+        )
     for path_name, label in (
         ("disk", "disk, strategy.aggregate"),
         ("s3", "S3, Coordinator.aggregate"),
@@ -178,7 +185,7 @@ def run(work: Path, ks: tuple[int, ...] = KS) -> Result:
 
 
 def _s3(work: Path, base: list[np.ndarray], ks: tuple[int, ...]) -> list[dict]:
-    from alliance import weights
+    from alliance import untrusted, weights
     from alliance.coordinator import Coordinator
     from alliance.engine import Aggregate, RunSpec, RunStatus
     from alliance.s3server import S3Server
@@ -221,13 +228,32 @@ def _s3(work: Path, base: list[np.ndarray], ks: tuple[int, ...]) -> list[dict]:
                 raise RuntimeError(f"aggregation of {k_count} updates: {result}")
             return result
 
-        for k_count in ks:
-            m = measure(lambda k_count=k_count: aggregate(k_count))
-            # The new model is read back outside the measurement.
-            m["maxError"] = check(store.get_model(m.pop("result").model_id), base, k_count)
-            out.append({"k": k_count, **m})
-            say(
-                f"9c: s3   K={k_count:>2}: {m['seconds']:.2f} s, tracemalloc peak "
-                f"{m['tracemallocPeakMB']:.0f} MB, rss Δ {m['rssDeltaMB']:.0f} MB"
-            )
+        # The checks of each update's arrays (untrusted.update_arrays: shapes, dtypes, NaN/Inf,
+        # distance from the model), timed apart: what the defence against members costs.
+        checks: list[float] = []
+        original = untrusted.update_arrays
+
+        def timed_checks(*args):
+            started = time.perf_counter()
+            try:
+                return original(*args)
+            finally:
+                checks.append(time.perf_counter() - started)
+
+        untrusted.update_arrays = timed_checks
+        try:
+            for k_count in ks:
+                checks.clear()
+                m = measure(lambda k_count=k_count: aggregate(k_count))
+                m["checkSeconds"] = sum(checks[:k_count])  # the timed run's, not tracemalloc's
+                # The new model is read back outside the measurement.
+                m["maxError"] = check(store.get_model(m.pop("result").model_id), base, k_count)
+                out.append({"k": k_count, **m})
+                say(
+                    f"9c: s3   K={k_count:>2}: {m['seconds']:.2f} s (checks "
+                    f"{m['checkSeconds']:.3f} s), tracemalloc peak "
+                    f"{m['tracemallocPeakMB']:.0f} MB, rss Δ {m['rssDeltaMB']:.0f} MB"
+                )
+        finally:
+            untrusted.update_arrays = original
     return out

@@ -446,3 +446,22 @@ def test_deleting_a_run_with_the_delete_policy_removes_its_objects(cluster, alli
     assert cluster.get(ns, "trainingrun", "scratch") is None
     assert store.list(f"runs/{run}/") == []
     assert not store.exists(f"tasks/{run}.json")
+
+
+def test_deleting_a_pending_run_and_a_member_takes_seconds(cluster, alliance):
+    """A run waiting for its Alliance and a Member (the bad one: no other test needs it any
+    more) are gone within seconds of `kubectl delete`, finalizers and all."""
+    ns, _ = alliance
+    cluster.apply(ns, run_manifest("orphan", alliance="no-such-alliance"))
+    wait_for(
+        lambda: condition(cluster.get(ns, "trainingrun", "orphan"), "AllianceFound") == "False",
+        60,
+        "the orphan run waiting for its Alliance",
+        diagnose=lambda: cluster.diagnose(ns),
+    )
+    for kind, name in (("trainingrun", "orphan"), ("member", BAD_MEMBER)):
+        started = time.monotonic()
+        cluster.kubectl("delete", kind, name, "-n", ns, "--wait=true", "--timeout=60s")
+        took = time.monotonic() - started
+        assert cluster.get(ns, kind, name) is None
+        assert took < 10, f"deleting {kind} {name} took {took:.1f} s"

@@ -1287,3 +1287,57 @@ def test_an_alliance_deleted_mid_run_pauses_the_run_until_it_is_back(
     assert op.condition("TrainingRun", RUN, "AllianceFound") == ("True", "Found")
     assert (status["round"], status["stage"]) == (1, "Validating")
     assert status["history"][0]["members"] == ["m1", "m2"]
+
+
+def test_member_data_warnings_keep_data_ready_true_with_their_reason(
+    op, cluster, events, alliance, s3
+):
+    cluster.apply("Member", MEMBER, member_spec())
+    op.reconcile("Member", MEMBER)
+    cluster.set_pod_status(POD, running())
+    warning = "/data/train.csv has only label 3 (600 rows): this member's updates pull the model"
+    beat = {"state": "ready", "trainRows": 600, "testRows": 200, "warnings": [warning]}
+    s3.put_heartbeat(MEMBER, beat)
+    op.reconcile("Member", MEMBER)
+    assert op.condition("Member", MEMBER, "DataReady") == ("True", "ValidWithWarnings")
+    message = op.conditions("Member", MEMBER)["DataReady"]["message"]
+    assert message == f"600 training rows, 200 test rows; warning: {warning}"
+    assert op.condition("Member", MEMBER, "Ready") == ("True", "Ready")
+    assert [e for e in events if e[0] == "Warning"] == []
+
+    # The heartbeat is the member's word: at most 5 warnings, each cut to 300 characters ...
+    s3.put_heartbeat(MEMBER, {**beat, "warnings": ["x" * 1000] * 9})
+    op.reconcile("Member", MEMBER)
+    message = op.conditions("Member", MEMBER)["DataReady"]["message"]
+    assert message == "600 training rows, 200 test rows; warnings: " + "; ".join(
+        ["x" * 299 + "…"] * 5
+    )
+    # ... and anything but a list of strings is no warning at all.
+    for bad in ("not a list", [1, 2], {"a": "b"}, [warning, None]):
+        s3.put_heartbeat(MEMBER, {**beat, "warnings": bad})
+        op.reconcile("Member", MEMBER)
+        assert op.condition("Member", MEMBER, "DataReady") == ("True", "Valid"), bad
+
+
+def test_refused_results_are_in_the_history_and_a_warning_event(
+    op, cluster, events, federation, s3
+):
+    cluster.apply("TrainingRun", RUN, run_spec(rounds=1, minMembers=1))
+    op.reconcile("TrainingRun", RUN)
+    store_run = op.status("TrainingRun", RUN)["storeRun"]
+    update(s3, store_run, "m1")
+    update(s3, store_run, "m2", value=float("nan"))
+    op.reconcile("TrainingRun", RUN)
+    for member, accuracy in (("m1", 0.75), ("m2", 50.0)):  # m2 lies about its score too
+        s3.put_result(
+            store_run, 1, "validations", member, {"accuracy": accuracy, "numExamples": 200}
+        )
+    op.reconcile("TrainingRun", RUN)
+    status = op.status("TrainingRun", RUN)
+    assert status["phase"] == "Completed" and status["accuracy"] == 0.75
+    reason = (
+        "update rejected: array 0 has 4 non-finite values (NaN or Inf); "
+        "validation rejected: accuracy 50.0 is not [0, 1]"
+    )
+    assert status["history"][0]["rejected"] == {"m2": reason}
+    assert ("Warning", "ResultsRejected", f"round 1: m2: {reason}") in events

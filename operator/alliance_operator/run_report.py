@@ -253,6 +253,13 @@ def _round_events(body: dict, old: dict, status: RunStatus) -> None:
             message=f"round {r.round}: accuracy {accuracy}, {len(r.members)} members, "
             f"{len(r.dropped)} dropped, {r.seconds:.1f} s",
         )
+        if r.rejected:  # a member's update or score refused: someone should look (kopf cuts it)
+            kopf.warn(
+                body,
+                reason="ResultsRejected",
+                message=f"round {r.round}: "
+                + "; ".join(f"{m}: {why}" for m, why in sorted(r.rejected.items())),
+            )
     if old.get("phase") != status.phase:
         if status.phase == Phase.COMPLETED:
             kopf.info(body, reason="Completed", message=status.message or "all rounds done")
