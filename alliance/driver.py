@@ -124,8 +124,11 @@ class StoreSink:
 
     def load(self) -> RunStatus | None:
         saved = self.store.get_run_status(self.run)
+        try:
+            status = None if saved is None else RunStatus.from_dict(saved)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:  # not a driver's
+            raise StoreError(f"runs/{self.run}/status.json is not a run status: {exc}") from None
         self._saved = saved
-        status = None if saved is None else RunStatus.from_dict(saved)
         self._show(status or RunStatus())
         return status
 

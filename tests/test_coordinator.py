@@ -279,6 +279,11 @@ def test_the_spec_follows_edits_until_round_1_then_stays_pinned(store):
         store.put_run_spec(RUN, garbage)
         with pytest.raises(StoreError, match=r"spec\.json is not a run spec"):
             pin_spec(store, RUN, None, started)
+    # The same for its status.
+    for garbage in ([1, 2], {"phase": "Exploded"}, {"history": [{"nope": 1}]}):
+        store.put_run_status(RUN, garbage)
+        with pytest.raises(StoreError, match=r"status\.json is not a run status"):
+            StoreSink(store, RUN).load()
 
 
 def test_drive_saves_every_decision_and_stops_when_told(alliance):
