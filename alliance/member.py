@@ -167,6 +167,8 @@ class Agent:
         }
         if summary.warnings:  # valid, but likely not what was meant (e.g. one label only)
             ready["warnings"] = list(summary.warnings)
+            for warning in summary.warnings:
+                log.warning("data: %s", warning)
         return ready
 
     def trainer(self) -> Trainer:

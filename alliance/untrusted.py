@@ -103,12 +103,13 @@ def _mapping(content: Any) -> dict:
 
 
 def heartbeat(content: Any) -> Heartbeat:
-    """A member's heartbeat (``members/<name>.json``). Rows count only in a ready one."""
+    """A member's heartbeat (``members/<name>.json``). Rows are read from a ready one (and a
+    stopped one, which keeps the last summary); only a ready member's count."""
     content = _mapping(content)
     state = content.get("state")
     if state not in ("starting", "ready", "invalid", "stopped"):
         raise Rejected(f"state must be starting, ready, invalid or stopped, got {_shown(state)}")
-    if state != "ready":
+    if state not in ("ready", "stopped"):
         return Heartbeat(state)
     train = content.get("trainRows", 0)
     test = content.get("testRows", 0)

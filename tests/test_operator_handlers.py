@@ -1295,7 +1295,10 @@ def test_member_data_warnings_keep_data_ready_true_with_their_reason(
     cluster.apply("Member", MEMBER, member_spec())
     op.reconcile("Member", MEMBER)
     cluster.set_pod_status(POD, running())
-    warning = "/data/train.csv has only label 3 (600 rows): this member's updates pull the model"
+    warning = (
+        "/data/train.csv has one label only (all 600 rows are one class): this member's updates "
+        "pull the model"
+    )
     beat = {"state": "ready", "trainRows": 600, "testRows": 200, "warnings": [warning]}
     s3.put_heartbeat(MEMBER, beat)
     op.reconcile("Member", MEMBER)
@@ -1341,3 +1344,20 @@ def test_refused_results_are_in_the_history_and_a_warning_event(
     )
     assert status["history"][0]["rejected"] == {"m2": reason}
     assert ("Warning", "ResultsRejected", f"round 1: m2: {reason}") in events
+
+
+def test_a_heartbeat_that_is_not_one_reads_as_invalid_data(op, cluster, alliance, s3):
+    cluster.apply("Member", MEMBER, member_spec())
+    op.reconcile("Member", MEMBER)
+    cluster.set_pod_status(POD, running())
+    for content, why in (
+        ([1, 2], "expected a JSON object, got list"),
+        ({"state": "ready", "trainRows": "lots"}, "trainRows must be an integer in [0, "),
+        ({"state": "hacked"}, "state must be starting, ready, invalid or stopped, got 'hacked'"),
+    ):
+        s3.put_bytes(f"members/{MEMBER}.json", json.dumps(content).encode())
+        op.reconcile("Member", MEMBER)  # no exception: the member's word is checked
+        assert op.condition("Member", MEMBER, "DataReady") == ("False", "InvalidData")
+        message = op.conditions("Member", MEMBER)["DataReady"]["message"]
+        assert message.startswith(f"the agent's heartbeat is refused: {why}"), message
+        assert op.condition("Member", MEMBER, "Ready") == ("False", "InvalidData")

@@ -128,8 +128,6 @@ def validate_data_dir(
         files["test"] = str(test_path)
         warnings += check_content(test, schema, "test")
         test_rows = len(test)
-    for warning in warnings:
-        log.warning("%s", warning)
     counts = np.bincount(labels, minlength=schema.num_classes)
     return DataSummary(
         train_rows=len(labels),
@@ -192,7 +190,9 @@ def check_content(ds: Dataset, schema: DataSchema, split: str = "train") -> list
             if split == "train"
             else "the accuracy it reports measures that one class only"
         )
-        warnings.append(f"{file} has only label {present[0]} ({n} rows): {effect}")
+        # Which label is not said: the warning travels in the heartbeat, which the other
+        # members can read (the member sees its labels with `alliance check-data`).
+        warnings.append(f"{file} has one label only (all {n} rows are one class): {effect}")
     return warnings
 
 

@@ -12,6 +12,7 @@ import time
 
 import kopf
 
+from alliance import untrusted
 from alliance.store import StoreError
 from alliance_operator import k8s, metrics
 from alliance_operator.constants import ALLIANCES, ANNOTATION_SPEC_HASH
@@ -84,7 +85,8 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
 
     beat, beat_age = None, None
     try:
-        beat, written = ctx.stores.for_alliance(namespace, alliance).get_heartbeat(name)
+        content, written = ctx.stores.for_alliance(namespace, alliance).get_heartbeat(name)
+        beat = _heartbeat(content)
     except (StoreUnavailable, StoreError) as exc:
         cond("DataReady", None, "StoreUnreachable", f"cannot read the agent's heartbeat: {exc}")
     else:
@@ -125,6 +127,23 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
         cond("Ready", False, waiting["reason"], waiting["message"])
         new.update(phase="Starting", message=waiting["message"])
     return _finish(status)
+
+
+def _heartbeat(content) -> dict | None:
+    """The agent's heartbeat as this handler reads it: member-written, so checked as the
+    coordinator checks it (alliance.untrusted); one that is refused reads as invalid data."""
+    if content is None:
+        return None
+    try:
+        checked = untrusted.heartbeat(content)
+    except untrusted.Rejected as exc:
+        return {"state": "invalid", "message": f"the agent's heartbeat is refused: {exc}"}
+    beat = {"state": checked.state, "warnings": content.get("warnings")}
+    if "message" in content:
+        beat["message"] = untrusted.text(content["message"], 4096)
+    if "trainRows" in content:
+        beat.update(trainRows=checked.train_rows, testRows=checked.test_rows)
+    return beat
 
 
 def _data_condition(cond, beat: dict | None) -> None:
