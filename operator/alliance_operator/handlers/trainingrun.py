@@ -5,15 +5,12 @@
        └── yes ──► alliance.driver.drive(store, storeRun, spec, RunReport, stopped, lost)
                       RunReport.save: RunStatus → .status, conditions, Events, metrics (1 patch)
 
-The daemon starts from the status it last wrote (a restarted operator: the stored one), and the
-engine resumes at the same round. Until round 1 starts, an edit of the run or of its Alliance
-starts the loop again with it; from round 1 on the run keeps the spec pinned in the store. A
-run whose Alliance is deleted pauses (AllianceFound=False) and resumes when it is back.
+The daemon starts from the status it last wrote (a restarted operator: the stored one). Until
+round 1 an edit of the run or its Alliance restarts the loop; from round 1 on the spec is pinned
+in the store. A run whose Alliance is deleted pauses (AllianceFound=False) until it is back.
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
 
 import kopf
 
@@ -31,10 +28,9 @@ from alliance_operator.stores import StoreUnavailable
 RETRY_SECONDS = 2.0
 
 
-def daemon(ctx: Context, body: dict, stopped, logger, alliance_members: Mapping) -> None:
-    """Run the TrainingRun until it ends or is deleted. ``body`` is kopf's live view of the
-    object; ``stopped`` is kopf's stop flag (``stopped.wait(seconds)``); ``alliance_members``
-    kopf's index of Member names by (namespace, alliance)."""
+def daemon(ctx: Context, body: dict, stopped, logger, alliance_members: kopf.Index) -> None:
+    """Run the TrainingRun until it ends or is deleted. ``body``: kopf's live view of the object;
+    ``stopped``: kopf's stop flag; ``alliance_members``: Member names by (namespace, alliance)."""
     report = RunReport(body)
     while not stopped and not report.settled():
         if attempt(ctx, body, report, stopped, alliance_members):
@@ -66,9 +62,8 @@ def attempt(ctx: Context, body: dict, report: RunReport, stopped, alliance_membe
         return report.alliance_changed(namespace, alliance)
 
     try:
-        store = ctx.stores.for_alliance(namespace, alliance)
         status = drive(
-            store,
+            ctx.stores.for_alliance(namespace, alliance),
             store_run(body),
             run_spec,
             report,
