@@ -29,6 +29,7 @@ from alliance.engine import (
     PublishTask,
     RunSpec,
     RunStatus,
+    TaskKind,
 )
 from alliance.store import BadObject, Store, result_key
 
@@ -241,6 +242,8 @@ class Coordinator:
                     "batchSize": self.spec.batch_size,
                 },
             )
+            if action.kind == TaskKind.TRAIN:  # read it now, while the members train
+                self._model(action.model_id)
         elif isinstance(action, Aggregate):
             self.aggregate(action)
         elif isinstance(action, KeepRecord):
@@ -249,9 +252,9 @@ class Coordinator:
             self.store.delete_task(self.run)
 
     def _model(self, model_id: str) -> list:
-        if self._last_model is not None and self._last_model[0] == model_id:
-            return self._last_model[1]
-        return self.store.get_model(model_id)
+        if self._last_model is None or self._last_model[0] != model_id:
+            self._remember(model_id, self.store.get_model(model_id))
+        return self._last_model[1]
 
     def _remember(self, model_id: str, arrays: list) -> str:
         for a in arrays:  # shared with the next aggregation: it must equal the stored bytes

@@ -85,7 +85,7 @@ class _Timings:
 
 def _instrumented(store, run: str, spec) -> tuple[Any, _Timings]:
     from alliance.coordinator import Coordinator
-    from alliance.engine import Aggregate, Finish, PublishTask
+    from alliance.engine import Aggregate, Finish, KeepRecord, PublishTask
 
     coordinator = Coordinator(store, run, spec)
     t = _Timings()
@@ -106,6 +106,7 @@ def _instrumented(store, run: str, spec) -> tuple[Any, _Timings]:
                 PublishTask: "execute: publish",
                 Aggregate: "execute: aggregate",
                 Finish: "execute: finish",
+                KeepRecord: "execute: keep record",
             }[type(action)]
             t.current[part] += elapsed
             t.current["execute"] += elapsed

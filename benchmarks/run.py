@@ -51,7 +51,7 @@ benchmarks:
       checked updates kept for the aggregation up to 64 MiB, the rest read again).
       Seconds, tracemalloc peak and RSS delta of each aggregation; the result is checked
       against the exact weighted mean. Target: peak memory does not grow with K (K=64 vs
-      K=16).
+      K=32).
   9d  The coordinator and engine alone, no TensorFlow: a real S3 gateway, 1,000 members
       simulated by one child process (heartbeats, and an update or validation for each task
       addressed to them), 3 rounds driven by Coordinator.reconcile in alliance.driver's loop.
