@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from alliance import contract
+from alliance import contract, identities
 from alliance.s3server import S3Server
 from alliance.store import Store, heartbeat_key
 
@@ -137,10 +137,13 @@ class EmbeddedAlliance:
         }
 
     def start_members(self, dirs: list[Path], threads: int) -> None:
+        """Start a member agent per data dir, each with its own store identity: its keys read
+        what every member needs and write only its own objects (alliance/identities.py)."""
+        keys = identities.provision(self.server.config, [d.name for d in dirs])
         for d in dirs:
-            self.members.append(
-                start_member(d.name, d, self.env(threads), self.work_dir / "logs" / f"{d.name}.log")
-            )
+            env = {**self.env(threads), **keys[d.name].to_env()}
+            log_path = self.work_dir / "logs" / f"{d.name}.log"
+            self.members.append(start_member(d.name, d, env, log_path))
 
     def wait_until_ready(
         self, timeout: float = 300.0, check: Callable[[], object] = lambda: None
