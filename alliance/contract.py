@@ -27,6 +27,9 @@ ENV_S3_ACCESS_KEY = "ALLIANCE_S3_ACCESS_KEY"
 ENV_S3_SECRET_KEY = "ALLIANCE_S3_SECRET_KEY"
 #: The alliance's bucket. Operator: spec.store.bucket; runner: its server's.
 ENV_BUCKET = "ALLIANCE_BUCKET"
+#: A PEM file of the CA that verifies the store's https certificate (unset: the system's CAs).
+#: Operator: the member's Secret key ``ca.crt``, mounted; runner: unset (plain HTTP on loopback).
+ENV_S3_CA_FILE = "ALLIANCE_S3_CA_FILE"
 #: TensorFlow's thread count. Operator: the pod's CPU limit; runner: cores ÷ members.
 ENV_CPU_THREADS = "ALLIANCE_CPU_THREADS"
 #: Where parsed CSV data is cached. Operator: an emptyDir; runner: <work-dir>/cache.
@@ -35,6 +38,70 @@ ENV_CACHE_DIR = "ALLIANCE_CACHE_DIR"
 ENV_DATA_SCHEMA = "ALLIANCE_DATA_SCHEMA"
 #: The port of the agent's Prometheus metrics. Operator only (unset: none served).
 ENV_METRICS_PORT = "ALLIANCE_METRICS_PORT"
+
+
+# --- a member's store identity ----------------------------------------------------------
+# The keys of the Secret that holds one member's own store credentials (the operator writes it
+# per Member; a member organisation's chart writes it from the join bundle).
+
+SECRET_ACCESS_KEY = "accessKey"
+SECRET_SECRET_KEY = "secretKey"
+SECRET_CA_CERT = "ca.crt"
+
+
+def join_bundle(
+    *,
+    alliance: str,
+    member: str,
+    endpoint: str,
+    bucket: str,
+    access_key: str,
+    secret_key: str,
+    ca_cert: str = "",
+) -> dict:
+    """What a member outside the cluster needs to join: its name, the store and its own keys.
+    The same dict is ``alliance member --join``'s file and the values of
+    ``charts/alliance-member`` (``helm install … -f bundle.yaml``)."""
+    return {
+        "alliance": alliance,
+        "member": member,
+        "store": {
+            "endpoint": endpoint,
+            "bucket": bucket,
+            "accessKey": access_key,
+            "secretKey": secret_key,
+            "caCert": ca_cert,
+        },
+    }
+
+
+def read_join_bundle(bundle: object, source: str = "the join bundle") -> dict:
+    """A join bundle checked field by field: ``{"alliance", "member", "endpoint", "bucket",
+    "access_key", "secret_key", "ca_cert"}``; ValueError naming the field otherwise."""
+    if not isinstance(bundle, dict):
+        raise ValueError(f"{source}: not a mapping of alliance, member and store")
+    store = bundle.get("store")
+    if not isinstance(store, dict):
+        raise ValueError(f"{source}: store: missing (endpoint, bucket, accessKey, secretKey)")
+    fields = {
+        "alliance": bundle.get("alliance"),
+        "member": bundle.get("member"),
+        "endpoint": store.get("endpoint"),
+        "bucket": store.get("bucket"),
+        "access_key": store.get("accessKey"),
+        "secret_key": store.get("secretKey"),
+    }
+    names = {"endpoint": "store.endpoint", "bucket": "store.bucket"}
+    names |= {"access_key": "store.accessKey", "secret_key": "store.secretKey"}
+    for field, value in fields.items():
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{source}: {names.get(field, field)}: missing or not a string")
+    if not fields["endpoint"].startswith(("http://", "https://")):
+        raise ValueError(f"{source}: store.endpoint: a URL, http://host:port or https://host")
+    ca = store.get("caCert") or ""
+    if not isinstance(ca, str) or (ca and "BEGIN CERTIFICATE" not in ca):
+        raise ValueError(f"{source}: store.caCert: a PEM certificate (or empty)")
+    return {**fields, "ca_cert": ca}
 
 
 # --- command lines (the arguments after COMMAND) --------------------------------------------

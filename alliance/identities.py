@@ -10,16 +10,25 @@ A member may read: ``alliance.json``, ``model-files/*``, ``models/*``, ``tasks/*
 
 Created through MinIO's admin API (``minio.MinioAdmin``), which both the embedded runner's
 JuiceFS gateway (1.4, MinIO's IAM of 2021) and MinIO itself serve. Creating a user again with a
-new secret rotates it, at once.
+new secret rotates it, at once. A user is named after the bucket and the member
+(``user_name``): two alliances on one store may both have a member "hospital-a".
+
+A member may create service accounts of its own (MinIO lets every user do so, and the gateway
+ignores a Deny of it), and one named like another member's user replaces that user's key:
+``sweep`` deletes every service account of the alliance's members, which need none.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import secrets
+import ssl
 from collections.abc import Iterable
 from urllib.parse import urlparse
 
+import urllib3
 from minio import MinioAdmin
 from minio.credentials import StaticProvider
 from minio.error import MinioAdminException
@@ -30,8 +39,16 @@ from alliance.store import StoreConfig, StoreError
 MEMBER_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{1,61}[a-z0-9])")
 
 
-def policy_name(member: str) -> str:
-    return f"alliance-member-{member}"
+def user_name(bucket: str, member: str) -> str:
+    """The S3 user (its access key) of ``member`` in ``bucket``: unique per store."""
+    name = f"{bucket}.{member}"
+    if len(name) <= 64:
+        return name
+    return f"{member[:40]}.{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+
+
+def policy_name(bucket: str, member: str) -> str:
+    return "alliance-" + user_name(bucket, member)
 
 
 def member_policy(bucket: str, member: str) -> dict:
@@ -71,33 +88,88 @@ def member_policy(bucket: str, member: str) -> dict:
     }
 
 
-def provision(admin_config: StoreConfig, members: Iterable[str]) -> dict[str, StoreConfig]:
-    """Create (or rotate) a user and its policy for each member, with the admin's keys in
-    ``admin_config``; returns each member's own store configuration (a new secret)."""
+def check_name(member: str) -> None:
+    if not MEMBER_NAME.fullmatch(member):
+        raise StoreError(
+            f"member name {member!r}: 3 to 63 lowercase letters, digits, '.' or '-', "
+            "starting and ending with a letter or digit"
+        )
+
+
+def admin_client(admin_config: StoreConfig) -> MinioAdmin:
     url = urlparse(admin_config.endpoint)
-    admin = MinioAdmin(
+    http = None
+    if admin_config.ca_cert and url.scheme == "https":
+        context = ssl.create_default_context(cadata=admin_config.ca_cert)
+        http = urllib3.PoolManager(ssl_context=context, timeout=urllib3.Timeout(5, 30))
+    return MinioAdmin(
         endpoint=url.netloc or url.path,
         credentials=StaticProvider(admin_config.access_key, admin_config.secret_key),
         secure=url.scheme == "https",
+        http_client=http,
     )
+
+
+def provision(admin_config: StoreConfig, members: Iterable[str]) -> dict[str, StoreConfig]:
+    """Create (or rotate) a user and its policy for each member, with the admin's keys in
+    ``admin_config``; returns each member's own store configuration (a new secret)."""
+    admin = admin_client(admin_config)
+    bucket = admin_config.bucket
     out = {}
     for member in members:
-        if not MEMBER_NAME.fullmatch(member):
-            raise StoreError(
-                f"member name {member!r}: 3 to 63 lowercase letters, digits, '.' or '-', "
-                "starting and ending with a letter or digit"
-            )
+        check_name(member)
+        user, policy = user_name(bucket, member), policy_name(bucket, member)
         secret = secrets.token_urlsafe(30)
         try:
-            admin.policy_add(policy_name(member), policy=member_policy(admin_config.bucket, member))
-            admin.user_add(member, secret)
+            admin.policy_add(policy, policy=member_policy(bucket, member))
+            admin.user_add(user, secret)
             try:
-                admin.attach_policy([policy_name(member)], user=member)
+                admin.attach_policy([policy], user=user)
             except MinioAdminException as exc:
                 if exc._code != "426":  # the JuiceFS gateway has only the older call
                     raise
-                admin.policy_set(policy_name(member), user=member)
+                admin.policy_set(policy, user=user)
         except MinioAdminException as exc:
             raise StoreError(f"cannot create the store identity of {member}: {exc}") from exc
-        out[member] = StoreConfig(admin_config.endpoint, member, secret, admin_config.bucket)
+        out[member] = StoreConfig(
+            admin_config.endpoint, user, secret, bucket, ca_cert=admin_config.ca_cert
+        )
     return out
+
+
+def remove(admin_config: StoreConfig, member: str) -> None:
+    """Delete ``member``'s user and policy (done when they are gone already)."""
+    admin = admin_client(admin_config)
+    bucket = admin_config.bucket
+    for call in (
+        lambda: admin.user_remove(user_name(bucket, member)),
+        lambda: admin.policy_remove(policy_name(bucket, member)),
+    ):
+        try:
+            call()
+        except MinioAdminException as exc:
+            if not _missing(exc):
+                raise StoreError(f"cannot remove the store identity of {member}: {exc}") from exc
+
+
+def sweep(admin_config: StoreConfig, members: Iterable[str]) -> list[str]:
+    """Delete the service accounts of the members' users; returns their access keys."""
+    admin = admin_client(admin_config)
+    removed = []
+    for member in members:
+        user = user_name(admin_config.bucket, member)
+        try:
+            listed = json.loads(admin.list_service_account(user) or "{}")
+            for account in listed.get("accounts") or []:
+                key = account if isinstance(account, str) else account.get("accessKey")
+                admin.delete_service_account(key)
+                removed.append(key)
+        except (MinioAdminException, ValueError) as exc:
+            if not _missing(exc):
+                raise StoreError(f"cannot list the service accounts of {member}: {exc}") from exc
+    return removed
+
+
+def _missing(exc: Exception) -> bool:
+    text = str(exc)
+    return "XMinioAdminNoSuchUser" in text or "XMinioAdminNoSuchPolicy" in text or "404" in text

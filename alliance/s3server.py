@@ -2,7 +2,7 @@
 
 The gateway is built on MinIO's gateway code and speaks the same API as the MinIO server the
 Helm chart deploys. Data lives on local disk (SQLite metadata), credentials are generated per
-server, and it listens on a free loopback port only.
+server, and it listens on a free loopback port only: plain HTTP, or https with a given key pair.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from alliance.store import StoreConfig
@@ -42,6 +44,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class TLS:
+    """The gateway's https certificate: its chain and key, and the CA that verifies it (PEM)."""
+
+    cert_chain: str
+    private_key: str = field(repr=False)
+    ca_cert: str
+
+
 class S3Server:
     """One gateway process serving ``directory``; use as a context manager or start()/stop()."""
 
@@ -52,8 +63,10 @@ class S3Server:
         port: int | None = None,
         access_key: str | None = None,
         secret_key: str | None = None,
+        tls: TLS | None = None,
     ):
         self.directory = Path(directory)
+        self.tls = tls
         self.bucket = bucket
         self.port = port or free_port()
         # Credentials are kept with the data so a restarted server (and a resumed run)
@@ -67,11 +80,12 @@ class S3Server:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def config(self) -> StoreConfig:
-        return StoreConfig(self.endpoint, self.access_key, self.secret_key, self.bucket)
+        ca = self.tls.ca_cert if self.tls else ""
+        return StoreConfig(self.endpoint, self.access_key, self.secret_key, self.bucket, ca)
 
     @property
     def _meta(self) -> str:
@@ -105,6 +119,17 @@ class S3Server:
             "MINIO_ROOT_USER": self.access_key,
             "MINIO_ROOT_PASSWORD": self.secret_key,
         }
+        context = None
+        if self.tls:
+            # The gateway (MinIO's code) serves https when $HOME/.minio/certs holds a key pair.
+            home = self.directory / "tls-home"
+            certs = home / ".minio" / "certs"
+            certs.mkdir(parents=True, exist_ok=True)
+            (certs / "public.crt").write_text(self.tls.cert_chain)
+            (certs / "private.key").write_text(self.tls.private_key)
+            (certs / "private.key").chmod(0o600)
+            env["HOME"] = str(home)
+            context = ssl.create_default_context(cadata=self.tls.ca_cert)
         self.process = subprocess.Popen(
             [
                 _juicefs(),
@@ -137,7 +162,8 @@ class S3Server:
                     f"see {self.directory / 'gateway.log'}"
                 )
             try:
-                with urllib.request.urlopen(self.endpoint + "/minio/health/live", timeout=1):
+                health = self.endpoint + "/minio/health/live"
+                with urllib.request.urlopen(health, timeout=1, context=context):
                     return self
             except OSError:
                 time.sleep(0.05)

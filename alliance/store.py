@@ -32,11 +32,13 @@ import json
 import logging
 import os
 import random
+import ssl
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
@@ -71,10 +73,23 @@ class StoreConfig:
     access_key: str
     secret_key: str
     bucket: str
+    #: PEM of the CA that verifies an https endpoint; "": the system's CAs.
+    ca_cert: str = field(default="", repr=False)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> StoreConfig:
         env = os.environ if env is None else env
+        ca_cert = ""
+        if env.get(contract.ENV_S3_CA_FILE):
+            path = env[contract.ENV_S3_CA_FILE]
+            try:
+                ca_cert = Path(path).read_text(encoding="ascii")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise StoreError(
+                    f"{contract.ENV_S3_CA_FILE}={path}: cannot read it: {exc}"
+                ) from exc
+            if "BEGIN CERTIFICATE" not in ca_cert:
+                raise StoreError(f"{contract.ENV_S3_CA_FILE}={path}: not a PEM certificate")
         names = (  # in the order of the fields
             contract.ENV_S3_ENDPOINT,
             contract.ENV_S3_ACCESS_KEY,
@@ -88,9 +103,12 @@ class StoreConfig:
                 + ", ".join(missing)
                 + " (there are no default credentials)"
             )
-        return cls(*(env[k] for k in names))
+        return cls(*(env[k] for k in names), ca_cert=ca_cert)
 
     def to_env(self) -> dict[str, str]:
+        """The variables an agent reads (a CA travels as a file: not here)."""
+        if self.ca_cert:
+            raise ValueError(f"a CA certificate is passed as a file ({contract.ENV_S3_CA_FILE})")
         return {
             contract.ENV_S3_ENDPOINT: self.endpoint,
             contract.ENV_S3_ACCESS_KEY: self.access_key,
@@ -138,10 +156,17 @@ class Store:
             )
         # Our own retry loop handles outages; the client's pool only retries nothing, so a
         # request never hangs for minutes inside urllib3.
+        tls = {}
+        if config.ca_cert and url.scheme == "https":
+            try:
+                tls["ssl_context"] = ssl.create_default_context(cadata=config.ca_cert)
+            except (ssl.SSLError, ValueError) as exc:
+                raise StoreError(f"the store's CA certificate is not usable: {exc}") from exc
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=5, read=60),
             maxsize=workers,
             retries=False,
+            **tls,
         )
         self.config = config
         self.bucket = config.bucket

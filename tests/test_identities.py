@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import trustme
+from minio import MinioAdmin
+from minio.credentials import StaticProvider
 
-from alliance import identities, weights
-from alliance.store import Store, StoreError
+from alliance import contract, identities, weights
+from alliance.s3server import TLS, S3Server
+from alliance.store import Store, StoreConfig, StoreError
 
 
 @pytest.fixture
@@ -23,7 +27,8 @@ def members(store):
 def test_a_member_writes_its_own_objects_and_reads_what_it_needs(members, store):
     stores, seed = members
     a = stores["member-a"]
-    assert a.config.access_key == "member-a" and a.config.secret_key != store.config.secret_key
+    assert a.config.access_key == identities.user_name(store.bucket, "member-a")
+    assert a.config.secret_key != store.config.secret_key
     a.put_heartbeat("member-a", {"state": "ready", "trainRows": 5, "testRows": 0})
     a.put_update("r", 1, "member-a", weights.dumps([np.ones(3, np.float32)]), {"numExamples": 5})
     a.put_result("r", 1, "validations", "member-a", {"accuracy": 0.5, "numExamples": 1})
@@ -84,3 +89,89 @@ def test_the_policy_names_the_member_literally():
     assert "${aws:username}" not in text
     assert "arn:aws:s3:::bkt/runs/*/rounds/*/updates/hospital-a.npz" in text
     assert "arn:aws:s3:::bkt/members/hospital-a.json" in text
+
+
+def test_removal_revokes_the_key_and_is_idempotent(members, store):
+    stores, _ = members
+    identities.remove(store.config, "member-a")
+    identities.remove(store.config, "member-a")  # gone already: done
+    with pytest.raises(StoreError, match="InvalidAccessKeyId"):
+        stores["member-a"].put_heartbeat("member-a", {"state": "ready"})
+    stores["member-b"].put_heartbeat("member-b", {"state": "ready"})  # b is untouched
+
+
+def test_a_service_account_named_like_another_member_is_swept(members, store):
+    """MinIO lets any user create service accounts of its own: member-a names one like b's
+    user and b's key stops working; the sweep deletes it and b's key works again."""
+    stores, _ = members
+    a, b = stores["member-a"].config, stores["member-b"].config
+    admin_a = MinioAdmin(
+        endpoint=a.endpoint.split("//")[1],
+        credentials=StaticProvider(a.access_key, a.secret_key),
+        secure=False,
+    )
+    admin_a.add_service_account(access_key=b.access_key, secret_key="x" * 30)
+    with pytest.raises(StoreError, match="SignatureDoesNotMatch"):
+        stores["member-b"].put_heartbeat("member-b", {"state": "ready"})
+    assert identities.sweep(store.config, ["member-a", "member-b"]) == [b.access_key]
+    stores["member-b"].put_heartbeat("member-b", {"state": "ready"})
+    assert identities.sweep(store.config, ["member-a", "member-b"]) == []
+
+
+def test_two_alliances_on_one_store_have_distinct_users(store, s3_server):
+    cfg = s3_server.config
+    other = Store(StoreConfig(cfg.endpoint, cfg.access_key, cfg.secret_key, store.bucket + "-x"))
+    other.ensure_bucket()
+    (mine,) = identities.provision(store.config, ["member-a"]).values()
+    (theirs,) = identities.provision(other.config, ["member-a"]).values()
+    assert mine.access_key != theirs.access_key
+    Store(mine, retry_seconds=5).put_heartbeat("member-a", {"state": "ready"})  # not rotated
+    Store(theirs, retry_seconds=5).put_heartbeat("member-a", {"state": "ready"})
+    # Their member-a's keys open nothing in this alliance's bucket.
+    crossing = StoreConfig(cfg.endpoint, theirs.access_key, theirs.secret_key, store.bucket)
+    with pytest.raises(StoreError, match="AccessDenied"):
+        Store(crossing, retry_seconds=5).put_heartbeat("member-a", {"state": "ready"})
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory):
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    tls = TLS(
+        cert_chain="".join(p.bytes().decode() for p in cert.cert_chain_pems),
+        private_key=cert.private_key_pem.bytes().decode(),
+        ca_cert=ca.cert_pem.bytes().decode(),
+    )
+    with S3Server(tmp_path_factory.mktemp("s3-tls"), bucket="tls", tls=tls) as server:
+        yield server
+
+
+def test_the_store_over_tls_is_verified_with_the_given_ca(tls_server, tmp_path):
+    cfg = tls_server.config
+    assert cfg.endpoint.startswith("https://") and cfg.ca_cert
+    admin = Store(cfg, retry_seconds=5)
+    admin.ensure_bucket()
+    (member,) = identities.provision(cfg, ["member-a"]).values()  # the admin API over TLS
+    assert member.ca_cert == cfg.ca_cert
+    # An agent finds the CA in the file its environment names.
+    ca_file = tmp_path / "ca.crt"
+    ca_file.write_text(cfg.ca_cert)
+    env = {
+        contract.ENV_S3_ENDPOINT: member.endpoint,
+        contract.ENV_S3_ACCESS_KEY: member.access_key,
+        contract.ENV_S3_SECRET_KEY: member.secret_key,
+        contract.ENV_BUCKET: member.bucket,
+        contract.ENV_S3_CA_FILE: str(ca_file),
+    }
+    Store(StoreConfig.from_env(env), retry_seconds=5).put_heartbeat("member-a", {"state": "ok"})
+    # Without the CA (the system's CAs) the certificate is refused, quickly and clearly.
+    untrusted = StoreConfig(cfg.endpoint, cfg.access_key, cfg.secret_key, cfg.bucket)
+    with pytest.raises(StoreError, match="CERTIFICATE_VERIFY_FAILED"):
+        Store(untrusted, retry_seconds=1).get_alliance()
+    # Another CA's certificate does not verify it either.
+    stranger = StoreConfig(**{**cfg.__dict__, "ca_cert": trustme.CA().cert_pem.bytes().decode()})
+    with pytest.raises(StoreError, match="CERTIFICATE_VERIFY_FAILED"):
+        Store(stranger, retry_seconds=1).get_alliance()
+    ca_file.write_text("not a certificate")
+    with pytest.raises(StoreError, match="not a PEM certificate"):
+        StoreConfig.from_env(env)
