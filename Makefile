@@ -69,7 +69,7 @@ images: wheels  ## build the operator and member images (a Docker engine; the bu
 		--target member -t alliance-member:$(IMAGE_TAG) .
 
 chart-lint: install  ## helm lint --strict and the rendered scenarios through kubernetes-validate
-	$(PY) -m pytest -q tests/test_chart.py
+	$(PY) -m pytest -q tests/test_chart.py tests/test_member_chart.py
 
 clean:  ## remove the virtual environment, work directories and downloaded wheels
 	rm -rf $(VENV) alliance-work .pytest_cache $(WHEELS)

@@ -32,9 +32,12 @@ process; running again with the same --run resumes at the round it stopped in.
 """
 
 EPILOG_MEMBER = """\
-The store is given by the environment (no defaults for credentials):
+The store and the member's own keys come from a join bundle (--join bundle.yaml: the file the
+alliance's admin hands over, from the Secret <member>-join), or from the environment (no
+defaults for credentials):
   ALLIANCE_S3_ENDPOINT    http://host:port or https://host
   ALLIANCE_S3_ACCESS_KEY  ALLIANCE_S3_SECRET_KEY  ALLIANCE_BUCKET
+  ALLIANCE_S3_CA_FILE     a PEM CA that verifies the store's https certificate (optional)
 Optional: ALLIANCE_CPU_THREADS (default: the cgroup CPU limit, else every core),
 ALLIANCE_CACHE_DIR (where parsed data is cached), ALLIANCE_METRICS_PORT (as --metrics-port).
 
@@ -122,7 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG_MEMBER,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--name", required=True, help="the member's name, unique in the alliance")
+    p.add_argument(
+        "--join",
+        type=Path,
+        metavar="BUNDLE",
+        help="a join bundle (YAML): the member's name, the store and its own keys; "
+        "replaces --name and the ALLIANCE_S3_* variables",
+    )
+    p.add_argument("--name", help="the member's name, unique in the alliance (or --join)")
     p.add_argument(
         "--data-dir",
         required=True,
@@ -536,15 +546,40 @@ def _store():
     return Store(StoreConfig.from_env())
 
 
+def _joined(path: Path):
+    """The member's name and store from a join bundle (alliance/contract.py)."""
+    import yaml
+
+    from alliance.store import Store, StoreConfig
+
+    try:
+        bundle = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not YAML: {exc}") from None
+    b = contract.read_join_bundle(bundle, str(path))
+    config = StoreConfig(b["endpoint"], b["access_key"], b["secret_key"], b["bucket"], b["ca_cert"])
+    logging.getLogger("alliance").info(
+        "joining alliance %s as %s through %s", b["alliance"], b["member"], b["endpoint"]
+    )
+    return b["member"], Store(config)
+
+
 def cmd_member(args) -> int:
     from alliance.member import Agent, AgentConfig
 
-    store = _store()
+    if args.join:
+        if args.name:
+            raise ValueError("--join names the member: give --name or --join, not both")
+        name, store = _joined(args.join)
+    elif args.name:
+        name, store = args.name, _store()
+    else:
+        raise ValueError("the member's name: give --join BUNDLE (or --name NAME)")
     cache = os.environ.get(contract.ENV_CACHE_DIR)
     agent = Agent(
         store,
         AgentConfig(
-            name=args.name,
+            name=name,
             data_dir=args.data_dir,
             schema=_schema(args.schema),
             train_command=args.train_command,

@@ -35,8 +35,11 @@ from minio.error import MinioAdminException
 
 from alliance.store import StoreConfig, StoreError
 
+#: What an admin call raises: the API's refusals and transport failures.
+ADMIN_ERRORS = (MinioAdminException, urllib3.exceptions.HTTPError, OSError, ValueError)
+
 #: A member name that is also a valid, unambiguous S3 user name (the gateway checks none).
-MEMBER_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{1,61}[a-z0-9])")
+MEMBER_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?")
 
 
 def user_name(bucket: str, member: str) -> str:
@@ -91,7 +94,7 @@ def member_policy(bucket: str, member: str) -> dict:
 def check_name(member: str) -> None:
     if not MEMBER_NAME.fullmatch(member):
         raise StoreError(
-            f"member name {member!r}: 3 to 63 lowercase letters, digits, '.' or '-', "
+            f"member name {member!r}: 1 to 63 lowercase letters, digits, '.' or '-', "
             "starting and ending with a letter or digit"
         )
 
@@ -129,12 +132,23 @@ def provision(admin_config: StoreConfig, members: Iterable[str]) -> dict[str, St
                 if exc._code != "426":  # the JuiceFS gateway has only the older call
                     raise
                 admin.policy_set(policy, user=user)
-        except MinioAdminException as exc:
+        except ADMIN_ERRORS as exc:
             raise StoreError(f"cannot create the store identity of {member}: {exc}") from exc
         out[member] = StoreConfig(
             admin_config.endpoint, user, secret, bucket, ca_cert=admin_config.ca_cert
         )
     return out
+
+
+def exists(admin_config: StoreConfig, member: str) -> bool:
+    """Whether the store has ``member``'s user."""
+    try:
+        admin_client(admin_config).user_info(user_name(admin_config.bucket, member))
+    except ADMIN_ERRORS as exc:
+        if is_missing(exc):
+            return False
+        raise StoreError(f"cannot look up the store user of {member}: {exc}") from exc
+    return True
 
 
 def remove(admin_config: StoreConfig, member: str) -> None:
@@ -147,8 +161,8 @@ def remove(admin_config: StoreConfig, member: str) -> None:
     ):
         try:
             call()
-        except MinioAdminException as exc:
-            if not _missing(exc):
+        except ADMIN_ERRORS as exc:
+            if not is_missing(exc):
                 raise StoreError(f"cannot remove the store identity of {member}: {exc}") from exc
 
 
@@ -164,12 +178,13 @@ def sweep(admin_config: StoreConfig, members: Iterable[str]) -> list[str]:
                 key = account if isinstance(account, str) else account.get("accessKey")
                 admin.delete_service_account(key)
                 removed.append(key)
-        except (MinioAdminException, ValueError) as exc:
-            if not _missing(exc):
+        except ADMIN_ERRORS as exc:
+            if not is_missing(exc):
                 raise StoreError(f"cannot list the service accounts of {member}: {exc}") from exc
     return removed
 
 
-def _missing(exc: Exception) -> bool:
+def is_missing(exc: Exception) -> bool:
+    """Whether the admin API said the user or policy does not exist."""
     text = str(exc)
     return "XMinioAdminNoSuchUser" in text or "XMinioAdminNoSuchPolicy" in text or "404" in text

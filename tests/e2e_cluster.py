@@ -20,6 +20,7 @@ the kubelet stand-in, OOM-killed on a real node.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shlex
@@ -132,7 +133,8 @@ class Cluster:
             diagnose=lambda: self.diagnose(namespace),
         )
 
-    def create_store_secret(self, namespace: str, name: str) -> None:
+    def create_store_secret(self, namespace: str, name: str, alliances: str) -> None:
+        """The store's admin keys, marked for the Alliances named (comma-separated)."""
         self.kubectl(
             "create",
             "secret",
@@ -143,6 +145,13 @@ class Cluster:
             f"--from-literal=accessKey={self.store_config.access_key}",
             f"--from-literal=secretKey={self.store_config.secret_key}",
         )
+        self.kubectl(
+            "annotate", "secret", name, "-n", namespace, f"alliance.dev/alliances={alliances}"
+        )
+
+    def read_secret(self, namespace: str, name: str, key: str) -> str:
+        secret = self.get(namespace, "secret", name)
+        return base64.b64decode(secret["data"][key]).decode()
 
     # --- the operator process -------------------------------------------------------------
 
@@ -196,8 +205,11 @@ class Cluster:
     def operator_env(self) -> dict[str, str]:
         return {}
 
-    def provide_data(self, namespace: str, claim: str, files: dict[str, Path]) -> None:
-        """A PersistentVolumeClaim ``claim`` holding ``files`` (name in the volume → source)."""
+    def provide_data(
+        self, namespace: str, claim: str, files: dict[str, Path], member: str | None
+    ) -> None:
+        """A PersistentVolumeClaim ``claim`` holding ``files`` (name in the volume → source),
+        marked for the Member ``member`` (None: not marked)."""
         raise NotImplementedError
 
     def crash_agent(self, namespace: str, pod: str) -> None:
@@ -241,7 +253,9 @@ class EmulatedCluster(Cluster):
         )
         self.kubelet.start()
 
-    def provide_data(self, namespace: str, claim: str, files: dict[str, Path]) -> None:
+    def provide_data(
+        self, namespace: str, claim: str, files: dict[str, Path], member: str | None
+    ) -> None:
         local = self.work_dir / "volumes" / namespace / claim
         local.mkdir(parents=True, exist_ok=True)
         for name, source in files.items():
@@ -252,7 +266,10 @@ class EmulatedCluster(Cluster):
             "metadata": {
                 "name": claim,
                 # Where the kubelet stand-in finds this claim's volume.
-                "annotations": {"kubelet-standin.alliance.dev/local-path": str(local)},
+                "annotations": {
+                    "kubelet-standin.alliance.dev/local-path": str(local),
+                    **claim_mark(member),
+                },
             },
             "spec": {
                 "accessModes": ["ReadWriteOnce"],
@@ -272,6 +289,11 @@ class EmulatedCluster(Cluster):
         super().close()
         self.kubelet.stop()
         self.api.stop()
+
+
+def claim_mark(member: str | None) -> dict[str, str]:
+    """The annotation that lets one Member mount a claim (docs/kubernetes.md)."""
+    return {} if member is None else {"alliance.dev/member": member}
 
 
 #: Run in a member pod's container: take memory until the container's limit stops it.
@@ -301,11 +323,13 @@ class RealCluster(Cluster):
     def operator_env(self) -> dict[str, str]:
         return {"ALLIANCE_OPERATOR_MEMBER_IMAGE": self.image}
 
-    def provide_data(self, namespace: str, claim: str, files: dict[str, Path]) -> None:
+    def provide_data(
+        self, namespace: str, claim: str, files: dict[str, Path], member: str | None
+    ) -> None:
         pvc = {
             "apiVersion": "v1",
             "kind": "PersistentVolumeClaim",
-            "metadata": {"name": claim},
+            "metadata": {"name": claim, "annotations": claim_mark(member)},
             "spec": {
                 "accessModes": ["ReadWriteOnce"],
                 "resources": {"requests": {"storage": "1Gi"}},

@@ -27,6 +27,7 @@ def test_the_variable_names_are_the_documented_ones():
         "ENV_S3_ACCESS_KEY": "ALLIANCE_S3_ACCESS_KEY",
         "ENV_S3_SECRET_KEY": "ALLIANCE_S3_SECRET_KEY",
         "ENV_BUCKET": "ALLIANCE_BUCKET",
+        "ENV_S3_CA_FILE": "ALLIANCE_S3_CA_FILE",
         "ENV_CPU_THREADS": "ALLIANCE_CPU_THREADS",
         "ENV_CACHE_DIR": "ALLIANCE_CACHE_DIR",
         "ENV_DATA_SCHEMA": "ALLIANCE_DATA_SCHEMA",

@@ -718,8 +718,17 @@ def test_examples_fit_together():
         "hospital-a-data",
     )
     assert member["spec"]["dataVolumeClaim"] == pvc["metadata"]["name"]
+    assert pvc["metadata"]["annotations"] == {"alliance.dev/member": member["metadata"]["name"]}
     assert member["spec"]["alliance"] == run["spec"]["alliance"] == alliance["metadata"]["name"]
     assert run["metadata"]["name"] == "mnist-fedavg"
+
+
+def test_a_remote_member_needs_no_claim():
+    member = example("member.yaml", "Member")
+    del member["spec"]["dataVolumeClaim"]
+    member["spec"]["remote"] = True
+    stored, errors = admit("Member", member)
+    assert errors == [] and stored["spec"]["remote"] is True
 
 
 def test_example_trainingrun_is_the_cli_run_spec():
@@ -767,6 +776,16 @@ BROKEN = [
     ("Member", ("spec", "resources", "limits", "memory"), "lots", "spec.resources.limits.memory"),
     ("Member", ("spec", "dataDir"), "/data", 'unknown field "spec.dataDir"'),
     ("Member", ("spec", "trainCommand"), "x" * 1025, "spec.trainCommand"),
+    ("Member", ("spec", "dataVolumeClaim"), _DELETE, "set exactly one"),
+    ("Member", ("spec", "remote"), True, "set exactly one"),  # remote, and a claim
+    ("Alliance", ("spec", "store", "remoteEndpoint"), "store:9000", "spec.store.remoteEndpoint"),
+    ("Alliance", ("spec", "store", "caSecret"), {"key": "ca.crt"}, "caSecret.name: Required"),
+    (
+        "Alliance",
+        ("spec", "store", "credentialsSecret", "secretKeyKey"),
+        "accessKey",
+        "two different keys",
+    ),
     ("Alliance", ("spec", "store", "endpoint"), "alliance-minio:9000", "spec.store.endpoint"),
     ("Alliance", ("spec", "store", "endpoint"), "http://minio:9000/path", "spec.store.endpoint"),
     ("Alliance", ("spec", "store", "bucket"), "Alliance_Bucket", "spec.store.bucket"),

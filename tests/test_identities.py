@@ -78,7 +78,7 @@ def test_provisioning_again_rotates_the_secret_and_bad_names_are_refused(members
     with pytest.raises(StoreError, match=r"SignatureDoesNotMatch|InvalidAccessKeyId"):
         old.put_heartbeat("member-a", {"state": "ready"})
     Store(new, retry_seconds=5).put_heartbeat("member-a", {"state": "ready"})
-    for bad in ("A", "x", "member_1", "-lead", "a" * 64, "bad,name"):
+    for bad in ("A", "", "member_1", "-lead", "a" * 64, "bad,name", "trail."):
         with pytest.raises(StoreError, match="member name"):
             identities.provision(store.config, [bad])
 

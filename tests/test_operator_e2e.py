@@ -11,19 +11,25 @@ operator still runs (its finalizers are on every resource in it).
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
 import time
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from alliance.store import Store, StoreConfig
+from alliance import contract
+from alliance.store import Store, StoreConfig, StoreError
 from tests.conftest import SAMPLE_DIR, write_rows
-from tests.e2e_cluster import KubectlError, make_cluster, wait_for
+from tests.e2e_cluster import BIN, KubectlError, make_cluster, wait_for
 
 pytestmark = pytest.mark.slow
 
 GOOD_MEMBERS = ("hospital-a", "hospital-b", "hospital-c")
 BAD_MEMBER = "clinic-bad"
+REMOTE_MEMBER = "lab-remote"
 ALLIANCE = "mnist"
 BUCKET = "e2e-alliance"
 TRAIN_ROWS, TEST_ROWS = 1000, 300
@@ -48,21 +54,21 @@ def alliance(cluster, namespace, tmp_path_factory):
     """The store's Secret, the Alliance, four Members and their data, the operator running;
     returns (namespace, store)."""
     ns = namespace
-    cluster.create_store_secret(ns, "alliance-store")
+    cluster.create_store_secret(ns, "alliance-store", alliances=ALLIANCE)
     data = tmp_path_factory.mktemp("member-data")
     for i, name in enumerate(GOOD_MEMBERS):
         train = write_rows(data / name / "train.csv", TRAIN_ROWS, skip=TRAIN_ROWS * i)
         test = write_rows(
             data / name / "test.csv", TEST_ROWS, SAMPLE_DIR / "test.csv.gz", skip=TEST_ROWS * i
         )
-        cluster.provide_data(ns, f"{name}-data", {"train.csv": train, "test.csv": test})
+        cluster.provide_data(ns, f"{name}-data", {"train.csv": train, "test.csv": test}, name)
     broken = write_rows(data / BAD_MEMBER / "train.csv", 50)
     lines = broken.read_text().splitlines()
     cells = lines[3].split(",")
     cells[5] = "dark"  # line 4 of the file, column 1x5 (the 6th column): not a number
     lines[3] = ",".join(cells)
     broken.write_text("\n".join(lines) + "\n")
-    cluster.provide_data(ns, f"{BAD_MEMBER}-data", {"train.csv": broken})
+    cluster.provide_data(ns, f"{BAD_MEMBER}-data", {"train.csv": broken}, BAD_MEMBER)
 
     cluster.start_operator(ns)
     cluster.apply(
@@ -436,6 +442,135 @@ def test_a_run_spec_only_the_engine_rejects_gets_an_invalid_condition(cluster, a
     message = next(c["message"] for c in tr["status"]["conditions"] if c["type"] == "Invalid")
     assert "trimFraction" in message and "0.7" in message, message
     assert tr["status"]["phase"] == "Failed"
+
+
+def test_the_operator_acts_for_no_one_beyond_what_they_were_given(cluster, alliance, tmp_path):
+    """Confused deputy: an Alliance naming a Secret given to another Alliance (its keys swapped,
+    so the secret key would go out as the access key, to a listener of its author's); a spy
+    Member mounting another member's claim (two Members, one claim); a Member on a claim nobody
+    marked. Each is refused with a condition, no pod runs, nothing reaches the listener."""
+    ns, _ = alliance
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    rows = write_rows(tmp_path / "train.csv", 20)
+    cluster.provide_data(ns, "unmarked-data", {"train.csv": rows}, None)
+    thief = {
+        "apiVersion": "alliance.dev/v1alpha1",
+        "kind": "Alliance",
+        "metadata": {"name": "thief"},
+        "spec": {
+            "store": {
+                "endpoint": f"http://127.0.0.1:{port}",
+                "bucket": "loot",
+                "credentialsSecret": {
+                    "name": "alliance-store",
+                    "accessKeyKey": "secretKey",
+                    "secretKeyKey": "accessKey",
+                },
+            }
+        },
+    }
+    spy = member_manifest("spy") | {
+        "spec": {"alliance": ALLIANCE, "dataVolumeClaim": "hospital-a-data"}
+    }
+    stray = member_manifest("stray") | {
+        "spec": {"alliance": ALLIANCE, "dataVolumeClaim": "unmarked-data"}
+    }
+    cluster.apply(ns, thief, spy, stray)
+
+    def refused(kind: str, name: str, type_: str) -> dict:
+        return wait_for(
+            lambda: (o := cluster.get(ns, kind, name)) and condition(o, type_) == "False" and o,
+            60,
+            f"{kind} {name}: {type_}=False",
+            diagnose=lambda: cluster.diagnose(ns),
+        )
+
+    def message(obj: dict, type_: str) -> tuple[str, str]:
+        c = next(c for c in obj["status"]["conditions"] if c["type"] == type_)
+        return c["reason"], c["message"]
+
+    reason, text = message(refused("alliance", "thief", "StoreReady"), "StoreReady")
+    assert reason == "SecretNotMarked" and 'not marked for Alliance "thief"' in text
+    reason, text = message(refused("member", "spy", "ClaimAllowed"), "ClaimAllowed")
+    assert reason == "ClaimNotMarked" and 'marked for Member "hospital-a"' in text
+    reason, text = message(refused("member", "stray", "ClaimAllowed"), "ClaimAllowed")
+    assert reason == "ClaimNotMarked" and "kubectl annotate pvc unmarked-data" in text
+    time.sleep(3)  # a few more passes of the operator
+    for pod in ("thief-init", "spy-agent", "stray-agent"):
+        assert cluster.get(ns, "pod", pod) is None, pod
+    with pytest.raises(BlockingIOError):
+        listener.accept()  # nobody called the thief's endpoint
+    listener.close()
+    assert "SecretNotMarked" in {e["reason"] for e in events(cluster, ns, "thief")}
+    for kind, name in (("alliance", "thief"), ("member", "spy"), ("member", "stray")):
+        cluster.kubectl("delete", kind, name, "-n", ns, "--wait=true", "--timeout=60s")
+
+
+def test_a_remote_member_joins_with_its_bundle_and_trains_with_the_pod_members(
+    cluster, alliance, tmp_path
+):
+    """A member outside the cluster: no pod; its join bundle (its own keys) is all its agent,
+    started here as a process of its own, needs; it trains in a run with the pod members."""
+    ns, store = alliance
+    remote = {
+        "apiVersion": "alliance.dev/v1alpha1",
+        "kind": "Member",
+        "metadata": {"name": REMOTE_MEMBER},
+        "spec": {"alliance": ALLIANCE, "remote": True},
+    }
+    cluster.apply(ns, remote)
+    secret = f"{REMOTE_MEMBER}-store"
+    wait_for(
+        lambda: "bundle.yaml" in ((cluster.get(ns, "secret", secret) or {}).get("data") or {}),
+        60,
+        "the remote member's join bundle",
+        diagnose=lambda: cluster.diagnose(ns),
+    )
+    bundle = tmp_path / "bundle.yaml"
+    bundle.write_text(cluster.read_secret(ns, secret, "bundle.yaml"))
+    joined = contract.read_join_bundle(yaml.safe_load(bundle.read_text()))
+    assert joined["member"] == REMOTE_MEMBER and joined["access_key"] != store.config.access_key
+    data = tmp_path / "data"
+    write_rows(data / "train.csv", TRAIN_ROWS, skip=TRAIN_ROWS * 3)
+    write_rows(data / "test.csv", TEST_ROWS, SAMPLE_DIR / "test.csv.gz", skip=TEST_ROWS * 3)
+    log = open(tmp_path / "remote-agent.log", "wb")  # noqa: SIM115 (the process's)
+    agent = subprocess.Popen(
+        [str(BIN / "alliance"), "member", "--join", str(bundle), "--data-dir", str(data)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        # Nothing of this machine's store settings: only the bundle.
+        env={"PATH": os.environ["PATH"], "HOME": str(tmp_path), "ALLIANCE_CPU_THREADS": "1"},
+        start_new_session=True,
+    )
+    try:
+        wait_member_ready(cluster, ns, REMOTE_MEMBER)
+        member = cluster.get(ns, "member", REMOTE_MEMBER)
+        kinds = {c["type"] for c in member["status"]["conditions"]}
+        assert "PodReady" not in kinds and "CredentialsReady" in kinds
+        assert cluster.get(ns, "pod", f"{REMOTE_MEMBER}-agent") is None
+        cluster.apply(ns, run_manifest("with-remote", rounds=1, minMembers=4))
+        tr = wait_phase(cluster, ns, "with-remote", {"Completed", "Failed"}, 300)
+        assert tr["status"]["phase"] == "Completed", tr["status"].get("message")
+        (record,) = tr["status"]["history"]
+        assert sorted(record["members"]) == sorted([*GOOD_MEMBERS, REMOTE_MEMBER])
+        # Its keys reach nothing of the other members'.
+        keys = StoreConfig(
+            joined["endpoint"], joined["access_key"], joined["secret_key"], joined["bucket"]
+        )
+        with pytest.raises(StoreError, match="AccessDenied"):
+            Store(keys, retry_seconds=2).get_update(tr["status"]["storeRun"], 1, GOOD_MEMBERS[0])
+    finally:
+        agent.terminate()
+        agent.wait(timeout=30)
+        log.close()
+    # Deleting the Member removes its store user: the bundle's keys stop working.
+    cluster.kubectl("delete", "member", REMOTE_MEMBER, "-n", ns, "--wait=true", "--timeout=60s")
+    with pytest.raises(StoreError, match="InvalidAccessKeyId"):
+        Store(keys, retry_seconds=2).put_heartbeat(REMOTE_MEMBER, {"state": "stopped"})
 
 
 def test_deleting_a_run_with_the_delete_policy_removes_its_objects(cluster, alliance):

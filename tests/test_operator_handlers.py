@@ -29,7 +29,10 @@ from alliance_operator import k8s, stores
 from alliance_operator.config import OperatorConfig
 from alliance_operator.constants import (
     ALLIANCES,
+    ANNOTATION_ALLIANCES,
+    ANNOTATION_CLAIM_MEMBER,
     ANNOTATION_SPEC_HASH,
+    ANNOTATION_STORE_ENDPOINT,
     API_VERSION,
     LABEL_ALLIANCE,
     LABEL_COMPONENT,
@@ -99,7 +102,9 @@ class FakeCluster:
 
     def __init__(self):
         self.pods: dict[tuple[str, str], dict] = {}
-        self.secrets: dict[tuple[str, str], dict[str, str]] = {}
+        #: Secrets as the k8s module returns them: data decoded.
+        self.secrets: dict[tuple[str, str], dict] = {}
+        self.claims: dict[tuple[str, str], dict] = {}
         self.custom: dict[tuple[str, str, str], dict] = {}
         self.calls: list[tuple] = []
         self.status_patches: list[dict] = []
@@ -150,9 +155,29 @@ class FakeCluster:
         else:
             del self.pods[(namespace, name)]
 
-    def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
-        self.calls.append(("read_secret", namespace, name))
+    def get_secret(self, namespace: str, name: str) -> dict | None:
+        self.calls.append(("get_secret", namespace, name))
         return copy.deepcopy(self.secrets.get((namespace, name)))
+
+    def create_secret(self, namespace: str, body: dict) -> None:
+        self.calls.append(("create_secret", namespace, body["metadata"]["name"]))
+        kubernetes_validate.validate(body, KUBERNETES_VERSION, strict=True)
+        key = (namespace, body["metadata"]["name"])
+        assert key not in self.secrets, "409"
+        secret = copy.deepcopy(body)
+        secret["metadata"].update(namespace=namespace, uid=str(uuid.uuid4()))
+        secret["data"] = secret.pop("stringData")
+        self.secrets[key] = secret
+
+    def patch_secret(self, namespace: str, name: str, patch: dict) -> None:
+        self.calls.append(("patch_secret", namespace, name))
+        secret = self.secrets[(namespace, name)]
+        secret["metadata"].setdefault("annotations", {}).update(patch["metadata"]["annotations"])
+        secret["data"].update(patch.get("stringData") or {})
+
+    def get_claim(self, namespace: str, name: str) -> dict | None:
+        self.calls.append(("get_claim", namespace, name))
+        return copy.deepcopy(self.claims.get((namespace, name)))
 
     def get_custom(self, namespace: str, plural: str, name: str) -> dict | None:
         self.calls.append(("get_custom", namespace, plural, name))
@@ -186,7 +211,14 @@ class FakeCluster:
 
     def apply(self, kind: str, name: str, spec: dict, *, check: bool = True) -> dict:
         """Create or update a custom resource's spec, as `kubectl apply` would (the generation
-        moves when the stored spec changes); returns the stored object."""
+        moves when the stored spec changes); returns the stored object. A Member's claim is
+        made, marked for it, when there is none of that name (as its owner would)."""
+        if kind == "Member" and spec.get("dataVolumeClaim"):
+            key = (NS, spec["dataVolumeClaim"])
+            self.claims.setdefault(
+                key,
+                {"metadata": {"name": key[1], "annotations": {ANNOTATION_CLAIM_MEMBER: name}}},
+            )
         plural = KINDS[kind][0]
         old = self.custom.get((NS, plural, name))
         meta = (
@@ -326,7 +358,10 @@ def cluster(monkeypatch) -> FakeCluster:
         "list_pods",
         "create_pod",
         "delete_pod",
-        "read_secret",
+        "get_secret",
+        "create_secret",
+        "patch_secret",
+        "get_claim",
         "get_custom",
         "list_custom",
         "patch_custom_status",
@@ -373,17 +408,34 @@ def s3(s3_server, bucket) -> Store:
     return Store(StoreConfig(cfg.endpoint, cfg.access_key, cfg.secret_key, bucket), retry_seconds=5)
 
 
+def secret(name: str, data: dict, annotations: dict | None = None) -> dict:
+    meta = {"name": name, "namespace": NS, "annotations": annotations or {}}
+    return {"metadata": meta, "data": data}
+
+
 def good_secret(cluster: FakeCluster, s3_server, name: str = SECRET) -> None:
+    """The store's admin keys, marked for the Alliance mnist."""
     cfg = s3_server.config
-    cluster.secrets[(NS, name)] = {"accessKey": cfg.access_key, "secretKey": cfg.secret_key}
+    cluster.secrets[(NS, name)] = secret(
+        name,
+        {"accessKey": cfg.access_key, "secretKey": cfg.secret_key},
+        {ANNOTATION_ALLIANCES: "other,mnist"},
+    )
 
 
-def alliance_spec(s3_server, bucket: str, **extra) -> dict:
+def claim(cluster: FakeCluster, name: str, member: str | None) -> None:
+    """A PersistentVolumeClaim, marked for ``member`` (None: not marked)."""
+    annotations = {} if member is None else {ANNOTATION_CLAIM_MEMBER: member}
+    cluster.claims[(NS, name)] = {"metadata": {"name": name, "annotations": annotations}}
+
+
+def alliance_spec(s3_server, bucket: str, store_extra: dict | None = None, **extra) -> dict:
     return {
         "store": {
             "endpoint": s3_server.config.endpoint,
             "bucket": bucket,
             "credentialsSecret": {"name": SECRET},
+            **(store_extra or {}),
         },
         **extra,
     }
@@ -463,7 +515,9 @@ def test_alliance_without_its_secret(op, cluster, events, s3_server, bucket):
     patch = op.reconcile("Alliance", "mnist")
     conds = op.conditions("Alliance", "mnist")
     assert op.condition("Alliance", "mnist", "StoreReady") == ("False", "SecretNotFound")
-    assert conds["StoreReady"]["message"] == f'Secret "{SECRET}" not found in namespace {NS}'
+    assert conds["StoreReady"]["message"] == (
+        f'spec.store.credentialsSecret: Secret "{SECRET}" not found in namespace {NS}'
+    )
     assert op.condition("Alliance", "mnist", "ModelReady") == ("Unknown", "WaitingForStore")
     assert op.condition("Alliance", "mnist", "Ready") == ("False", "SecretNotFound")
     assert all(c["observedGeneration"] == 1 for c in conds.values())
@@ -495,7 +549,7 @@ def test_alliance_secret_without_the_key(
     spec = alliance_spec(s3_server, bucket)
     spec["store"]["credentialsSecret"] = secret_ref
     cluster.apply("Alliance", "mnist", spec)
-    cluster.secrets[(NS, SECRET)] = data
+    cluster.secrets[(NS, SECRET)] = secret(SECRET, data, {ANNOTATION_ALLIANCES: "mnist"})
     op.reconcile("Alliance", "mnist")
     assert op.condition("Alliance", "mnist", "StoreReady") == ("False", "SecretKeyMissing")
     message = op.conditions("Alliance", "mnist")["StoreReady"]["message"]
@@ -505,12 +559,43 @@ def test_alliance_secret_without_the_key(
     assert cluster.pods == {}
 
 
+@pytest.mark.parametrize(
+    "annotations,message",
+    [
+        ({}, 'is not marked for Alliance "mnist"'),
+        ({ANNOTATION_ALLIANCES: "mnist-2, other"}, 'is not marked for Alliance "mnist"'),
+        (
+            {ANNOTATION_ALLIANCES: "mnist", ANNOTATION_STORE_ENDPOINT: "https://s3.example.org"},
+            "is for the store https://s3.example.org only",
+        ),
+    ],
+)
+def test_a_secret_not_marked_for_the_alliance_is_not_used(
+    op, cluster, events, s3_server, bucket, annotations, message
+):
+    """The confused deputy: an Alliance naming a Secret its owner did not give it (or pointing
+    its keys at another endpoint) gets nothing: no store call, no init pod."""
+    cfg = s3_server.config
+    cluster.apply("Alliance", "mnist", alliance_spec(s3_server, bucket))
+    data = {"accessKey": cfg.access_key, "secretKey": cfg.secret_key}
+    cluster.secrets[(NS, SECRET)] = secret(SECRET, data, annotations)
+    op.reconcile("Alliance", "mnist")
+    assert op.condition("Alliance", "mnist", "StoreReady") == ("False", "SecretNotMarked")
+    text = op.conditions("Alliance", "mnist")["StoreReady"]["message"]
+    assert message in text and cfg.secret_key not in text
+    if not annotations:
+        assert f"kubectl annotate secret {SECRET} -n {NS} {ANNOTATION_ALLIANCES}=mnist" in text
+    assert cluster.pods == {}
+    admin = Store(StoreConfig(cfg.endpoint, cfg.access_key, cfg.secret_key, bucket))
+    assert not admin._client.bucket_exists(bucket)  # the operator did not use the keys
+
+
 @pytest.mark.parametrize("where", ["wrong-secret-key", "nobody-listening"])
 def test_alliance_unreachable_store_fails_fast(op, cluster, events, s3_server, bucket, s3, where):
     spec = alliance_spec(s3_server, bucket)
     good_secret(cluster, s3_server)
     if where == "wrong-secret-key":
-        cluster.secrets[(NS, SECRET)]["secretKey"] = "not-the-secret-key"
+        cluster.secrets[(NS, SECRET)]["data"]["secretKey"] = "not-the-secret-key"
         expected = "SignatureDoesNotMatch"
     else:
         spec["store"]["endpoint"] = f"http://127.0.0.1:{free_port()}"
@@ -817,7 +902,11 @@ def test_member_spec_change_replaces_the_pod(op, cluster, events, alliance, s3):
     )
     seen = len(events)
     op.reconcile("Member", MEMBER)
-    assert ("Normal", "PodReplaced", f"the spec changed: replacing {POD}") in op.new_events(seen)
+    assert (
+        "Normal",
+        "PodReplaced",
+        f"the spec or the store keys changed: replacing {POD}",
+    ) in op.new_events(seen)
     assert cluster.pod(POD)["metadata"].get("deletionTimestamp")
 
     # While the old pod terminates, nothing is created or deleted.
@@ -845,16 +934,24 @@ def test_member_spec_change_replaces_the_pod(op, cluster, events, alliance, s3):
     assert op.condition("Member", MEMBER, "Ready") == ("True", "Ready")
 
 
-def test_member_whose_store_is_unavailable(op, cluster, s3_server, bucket):
+def test_member_whose_store_is_unavailable(op, cluster, s3_server, bucket, s3, monkeypatch):
+    """Without the store there are no member keys, so no pod yet: it starts once they exist."""
     cluster.apply("Alliance", "mnist", alliance_spec(s3_server, bucket))  # no Secret
     cluster.apply("Member", MEMBER, member_spec())
     op.reconcile("Member", MEMBER)
-    assert cluster.pod(POD) is not None  # the pod does not wait for the store
+    assert cluster.pod(POD) is None
+    assert op.condition("Member", MEMBER, "CredentialsReady") == ("False", "SecretNotFound")
+    assert op.condition("Member", MEMBER, "Ready") == ("False", "SecretNotFound")
     assert op.condition("Member", MEMBER, "DataReady") == ("Unknown", "StoreUnreachable")
     message = op.conditions("Member", MEMBER)["DataReady"]["message"]
     assert message.startswith("cannot read the agent's heartbeat: ")
     assert f'Secret "{SECRET}" not found' in message
-    assert op.condition("Member", MEMBER, "Ready")[0] == "False"
+    monkeypatch.setattr(stores, "SECRET_TTL_SECONDS", 0)  # the cached "no such Secret" expires
+    good_secret(cluster, s3_server)
+    s3.ensure_bucket()
+    op.reconcile("Member", MEMBER)
+    assert op.condition("Member", MEMBER, "CredentialsReady") == ("True", "Issued")
+    assert cluster.pod(POD) is not None
 
 
 def test_member_with_a_stale_heartbeat_is_not_ready(cluster, events, alliance, s3):
@@ -942,7 +1039,7 @@ def test_run_waits_for_the_store_and_the_seed_model(op, cluster, events, s3_serv
     op.reconcile("TrainingRun", RUN)  # no Secret yet
     assert op.condition("TrainingRun", RUN, "AllianceFound") == ("True", "Found")
     assert op.condition("TrainingRun", RUN, "StoreReady") == ("False", "SecretNotFound")
-    assert op.status("TrainingRun", RUN)["message"].startswith("store unavailable: Secret")
+    assert op.status("TrainingRun", RUN)["message"].startswith("store unavailable: spec.store")
     assert ("Warning", "SecretNotFound") in [e[:2] for e in events]
 
     good_secret(cluster, s3_server)
@@ -1361,3 +1458,170 @@ def test_a_heartbeat_that_is_not_one_reads_as_invalid_data(op, cluster, alliance
         message = op.conditions("Member", MEMBER)["DataReady"]["message"]
         assert message.startswith(f"the agent's heartbeat is refused: {why}"), message
         assert op.condition("Member", MEMBER, "Ready") == ("False", "InvalidData")
+
+
+# --- a member's own store identity, claims, remote members (issue 11) ---------------------------
+
+
+def member_keys(cluster: FakeCluster, name: str = MEMBER) -> StoreConfig:
+    secret = cluster.secrets[(NS, f"{name}-store")]
+    data = secret["data"]
+    endpoint = cluster.get("Alliance", "mnist")["spec"]["store"]["endpoint"]
+    bucket = cluster.get("Alliance", "mnist")["spec"]["store"]["bucket"]
+    return StoreConfig(endpoint, data["accessKey"], data["secretKey"], bucket)
+
+
+def test_a_member_gets_its_own_keys_that_write_only_its_objects(op, cluster, events, alliance, s3):
+    member = cluster.apply("Member", MEMBER, member_spec())
+    cluster.apply("Member", "hospital-b", member_spec(dataVolumeClaim="hospital-b-data"))
+    op.reconcile("Member", MEMBER)
+    op.reconcile("Member", "hospital-b")
+    assert op.condition("Member", MEMBER, "CredentialsReady") == ("True", "Issued")
+    secret = cluster.secrets[(NS, f"{MEMBER}-store")]
+    (owner,) = secret["metadata"]["ownerReferences"]
+    assert owner["uid"] == member["metadata"]["uid"] and owner["kind"] == "Member"
+    keys = member_keys(cluster)
+    assert keys.access_key != s3.config.access_key and keys.secret_key != s3.config.secret_key
+    # The pod gets this Secret and nothing of the Alliance's.
+    env = {e["name"]: e for e in cluster.pod(POD)["spec"]["containers"][0]["env"]}
+    assert env["ALLIANCE_S3_SECRET_KEY"]["valueFrom"]["secretKeyRef"]["name"] == f"{MEMBER}-store"
+    assert SECRET not in json.dumps(cluster.pod(POD))
+    assert ("Normal", "CredentialsIssued") in [e[:2] for e in events]
+    # The keys work for its own objects and are refused for b's.
+    mine = Store(keys, retry_seconds=2)
+    mine.put_heartbeat(MEMBER, {"state": "ready", "trainRows": 5, "testRows": 0})
+    with pytest.raises(StoreError, match="AccessDenied"):
+        mine.put_heartbeat("hospital-b", {"state": "ready", "trainRows": 5, "testRows": 0})
+    # A second pass changes nothing: same keys, same pod.
+    seen, pod_uid = len(events), cluster.pod(POD)["metadata"]["uid"]
+    op.reconcile("Member", MEMBER)
+    assert member_keys(cluster) == keys and cluster.pod(POD)["metadata"]["uid"] == pod_uid
+    assert "CredentialsIssued" not in [e[1] for e in op.new_events(seen)]
+
+
+def test_rotating_a_members_keys_replaces_its_pod_and_revokes_the_old_key(
+    op, cluster, events, alliance, s3
+):
+    cluster.apply("Member", MEMBER, member_spec())
+    op.reconcile("Member", MEMBER)
+    old_keys, old_hash = member_keys(cluster), cluster.pod(POD)["metadata"]["annotations"]
+    cluster.custom[(NS, MEMBERS, MEMBER)]["metadata"]["annotations"] = {
+        "alliance.dev/rotate-credentials": "2030-01-02"
+    }
+    op.reconcile("Member", MEMBER)  # new keys; the old pod goes
+    new_keys = member_keys(cluster)
+    assert new_keys.secret_key != old_keys.secret_key
+    assert ("Normal", "PodReplaced") in [e[:2] for e in events]
+    with pytest.raises(StoreError, match=r"SignatureDoesNotMatch|InvalidAccessKeyId"):
+        Store(old_keys, retry_seconds=1).put_heartbeat(MEMBER, {"state": "ready"})
+    Store(new_keys, retry_seconds=2).put_heartbeat(MEMBER, {"state": "ready"})
+    op.reconcile("Member", MEMBER)  # the new pod, with a new digest
+    assert cluster.pod(POD)["metadata"]["annotations"] != old_hash
+    op.reconcile("Member", MEMBER)
+    assert member_keys(cluster) == new_keys  # once per new annotation value
+
+
+def test_the_store_losing_a_members_user_or_a_service_account_is_repaired(
+    op, cluster, events, alliance, s3
+):
+    from alliance import identities
+
+    cluster.apply("Member", MEMBER, member_spec())
+    op.reconcile("Member", MEMBER)
+    identities.remove(s3.config, MEMBER)  # e.g. the store was reinstalled
+    op.reconcile("Member", MEMBER)
+    Store(member_keys(cluster), retry_seconds=2).put_heartbeat(MEMBER, {"state": "ready"})
+    assert any("lost the member's user" in e[2] for e in events)
+
+
+def test_a_deleted_member_loses_its_store_user(op, cluster, alliance, s3):
+    cluster.apply("Member", MEMBER, member_spec())
+    op.reconcile("Member", MEMBER)
+    keys = member_keys(cluster)
+    body = cluster.get("Member", MEMBER)
+    member_handler.deleted(op.ctx, body, LOG)
+    with pytest.raises(StoreError, match="InvalidAccessKeyId"):
+        Store(keys, retry_seconds=1).put_heartbeat(MEMBER, {"state": "ready"})
+    member_handler.deleted(op.ctx, body, LOG)  # again: done
+
+
+def test_a_secret_of_the_members_name_that_is_not_its_own_is_left_alone(
+    op, cluster, events, alliance
+):
+    cluster.secrets[(NS, f"{MEMBER}-store")] = secret(f"{MEMBER}-store", {"token": "theirs"})
+    cluster.apply("Member", MEMBER, member_spec())
+    op.reconcile("Member", MEMBER)
+    assert op.condition("Member", MEMBER, "CredentialsReady") == ("False", "SecretConflict")
+    assert op.condition("Member", MEMBER, "Ready") == ("False", "SecretConflict")
+    assert cluster.secrets[(NS, f"{MEMBER}-store")]["data"] == {"token": "theirs"}
+    assert cluster.pod(POD) is None
+
+
+@pytest.mark.parametrize(
+    "claim_owner,reason,message",
+    [
+        ("hospital-b", "ClaimNotMarked", 'is marked for Member "hospital-b", not this one'),
+        (None, "ClaimNotMarked", "kubectl annotate pvc hospital-b-data -n federation"),
+        ("missing", "ClaimNotFound", 'PersistentVolumeClaim "hospital-b-data" not found'),
+    ],
+)
+def test_a_member_may_mount_only_a_claim_marked_for_it(
+    op, cluster, events, alliance, claim_owner, reason, message
+):
+    """The spy: a Member naming another member's claim (or one nobody marked) gets no pod."""
+    if claim_owner != "missing":
+        claim(cluster, "hospital-b-data", claim_owner)
+    cluster.apply("Member", "spy", member_spec(dataVolumeClaim="hospital-b-data"))
+    if claim_owner == "missing":
+        del cluster.claims[(NS, "hospital-b-data")]  # apply made one, as an owner would
+    op.reconcile("Member", "spy")
+    assert op.condition("Member", "spy", "ClaimAllowed") == ("False", reason)
+    assert op.condition("Member", "spy", "Ready") == ("False", reason)
+    assert message in op.conditions("Member", "spy")["ClaimAllowed"]["message"]
+    assert op.status("Member", "spy")["phase"] == "Refused"
+    assert cluster.pod("spy-agent") is None
+    assert ("Warning", reason) in [e[:2] for e in events]
+
+
+def test_a_pod_whose_claim_is_no_longer_marked_for_it_is_deleted(op, cluster, alliance):
+    cluster.apply("Member", MEMBER, member_spec())
+    op.reconcile("Member", MEMBER)
+    assert cluster.pod(POD) is not None
+    claim(cluster, "hospital-a-data", "someone-else")
+    op.reconcile("Member", MEMBER)
+    assert cluster.pod(POD) is None
+    assert op.condition("Member", MEMBER, "PodReady") == ("False", "ClaimNotMarked")
+
+
+def test_a_remote_member_gets_a_join_bundle_and_no_pod(op, cluster, events, s3_server, bucket, s3):
+    import yaml
+
+    from alliance import contract
+
+    good_secret(cluster, s3_server)
+    s3.ensure_bucket()
+    remote_url = "https://store.example.org:9443"
+    spec = alliance_spec(s3_server, bucket, store_extra={"remoteEndpoint": remote_url})
+    cluster.apply("Alliance", "mnist", spec)
+    cluster.apply("Member", MEMBER, {"alliance": "mnist", "remote": True})
+    op.reconcile("Member", MEMBER)
+    assert cluster.pod(POD) is None
+    conds = op.conditions("Member", MEMBER)
+    assert "PodReady" not in conds and "ClaimAllowed" not in conds
+    assert op.condition("Member", MEMBER, "CredentialsReady") == ("True", "Issued")
+    assert op.condition("Member", MEMBER, "DataReady") == ("Unknown", "NoHeartbeat")
+    data = cluster.secrets[(NS, f"{MEMBER}-store")]["data"]
+    bundle = contract.read_join_bundle(yaml.safe_load(data["bundle.yaml"]))
+    assert bundle["member"] == MEMBER and bundle["alliance"] == "mnist"
+    assert bundle["endpoint"] == remote_url and bundle["bucket"] == bucket
+    assert (bundle["access_key"], bundle["secret_key"]) == (data["accessKey"], data["secretKey"])
+    # Its agent, wherever it runs, reports through the store with these keys: Ready.
+    keys = StoreConfig(
+        s3_server.config.endpoint, bundle["access_key"], bundle["secret_key"], bucket
+    )
+    Store(keys, retry_seconds=2).put_heartbeat(
+        MEMBER, {"state": "ready", "trainRows": 600, "testRows": 200}
+    )
+    op.reconcile("Member", MEMBER)
+    assert op.condition("Member", MEMBER, "Ready") == ("True", "Ready")
+    assert op.status("Member", MEMBER)["trainRows"] == 600

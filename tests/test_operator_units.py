@@ -17,6 +17,7 @@ import pytest
 from alliance_operator.conditions import get_condition, is_true, set_condition
 from alliance_operator.config import OperatorConfig
 from alliance_operator.constants import (
+    ANNOTATION_CREDENTIALS,
     ANNOTATION_SPEC_HASH,
     API_VERSION,
     CACHE_MOUNT_PATH,
@@ -160,10 +161,24 @@ INIT_CASES = {
 }
 
 
+#: The member's own Secret (identity.py makes it; here only its name and digest matter).
+MEMBER_SECRET = "hospital-a-store"
+
+
+def member_pod(*args, credentials_digest: str = "0" * 16, has_ca: bool = False, **kwargs):
+    return pods.member_pod(
+        *args,
+        credentials_secret=MEMBER_SECRET,
+        credentials_digest=credentials_digest,
+        has_ca=has_ca,
+        **kwargs,
+    )
+
+
 def build_member(case: str, name: str = "hospital-a", run_as_user: int = 10001):
     m_extra, a_extra, _ = MEMBER_CASES[case]
     m_spec, a_spec = member_spec(**m_extra), alliance_spec(**a_extra)
-    return pods.member_pod(name, m_spec, a_spec, IMAGE, "IfNotPresent", run_as_user), m_spec, a_spec
+    return member_pod(name, m_spec, a_spec, IMAGE, "IfNotPresent", run_as_user), m_spec, a_spec
 
 
 def build_init(case: str, run_as_user: int = 10001):
@@ -278,17 +293,24 @@ def test_init_pod_has_no_data_volume(case):
 
 @pytest.mark.parametrize("kind,case", ALL_PODS)
 def test_store_credentials_come_only_from_the_secret(kind, case):
+    """A member pod gets its own keys (its Secret, with the contract's key names); only the
+    init pod, which the operator runs to create the bucket, gets the Alliance's."""
     pod, a_spec = built(kind, case)
     env = env_of(pod)
     secret = a_spec["store"]["credentialsSecret"]
+    if kind == "member":
+        name, keys = MEMBER_SECRET, (contract.SECRET_ACCESS_KEY, contract.SECRET_SECRET_KEY)
+    else:
+        name, keys = secret["name"], (secret["accessKeyKey"], secret["secretKeyKey"])
     assert env[contract.ENV_S3_ACCESS_KEY] == {
         "name": contract.ENV_S3_ACCESS_KEY,
-        "valueFrom": {"secretKeyRef": {"name": secret["name"], "key": secret["accessKeyKey"]}},
+        "valueFrom": {"secretKeyRef": {"name": name, "key": keys[0]}},
     }
     assert env[contract.ENV_S3_SECRET_KEY] == {
         "name": contract.ENV_S3_SECRET_KEY,
-        "valueFrom": {"secretKeyRef": {"name": secret["name"], "key": secret["secretKeyKey"]}},
+        "valueFrom": {"secretKeyRef": {"name": name, "key": keys[1]}},
     }
+    assert contract.ENV_S3_CA_FILE not in env
     assert env[contract.ENV_S3_ENDPOINT]["value"] == a_spec["store"]["endpoint"]
     assert env[contract.ENV_BUCKET]["value"] == a_spec["store"]["bucket"]
     # Nothing else reaches for a Secret or carries something that looks like a credential.
@@ -396,7 +418,10 @@ def test_member_pod_image_resources_and_labels(case):
         LABEL_MEMBER: "hospital-a",
     }
     assert "namespace" not in pod["metadata"]  # kopf.adopt sets it from the owner
-    assert pod["metadata"]["annotations"] == {ANNOTATION_SPEC_HASH: pods.spec_hash(pod)}
+    assert pod["metadata"]["annotations"] == {
+        ANNOTATION_SPEC_HASH: pods.spec_hash(pod),
+        ANNOTATION_CREDENTIALS: "0" * 16,
+    }
 
 
 @pytest.mark.parametrize("case", MEMBER_CASES)
@@ -434,7 +459,7 @@ def _names_are_valid(pod: dict) -> None:
 
 @pytest.mark.parametrize("name", ["a", "hospital-a", "hospital.a", "m" * 57])
 def test_names_and_label_values_are_valid_for_ordinary_member_names(name):
-    pod = pods.member_pod(name, member_spec(), alliance_spec(), IMAGE)
+    pod = member_pod(name, member_spec(), alliance_spec(), IMAGE)
     _names_are_valid(pod)
     assert pod["metadata"]["labels"][LABEL_MEMBER] == name
     assert cli.build_parser().parse_args(container(pod)["args"]).name == name
@@ -443,14 +468,14 @@ def test_names_and_label_values_are_valid_for_ordinary_member_names(name):
 def test_a_long_member_name_still_gives_a_valid_pod():
     name = "university-hospital-of-somewhere-department-of-radiology-mnist-2"  # 64 characters
     assert len(name) == 64 and DNS_SUBDOMAIN.match(name)
-    _names_are_valid(pods.member_pod(name, member_spec(), alliance_spec(), IMAGE))
+    _names_are_valid(member_pod(name, member_spec(), alliance_spec(), IMAGE))
 
 
 # --- the spec hash -----------------------------------------------------------------------------
 
 
 def member_hash(m_spec: dict, a_spec: dict, **kwargs) -> str:
-    pod = pods.member_pod("hospital-a", m_spec, a_spec, kwargs.pop("image", IMAGE), **kwargs)
+    pod = member_pod("hospital-a", m_spec, a_spec, kwargs.pop("image", IMAGE), **kwargs)
     return pod["metadata"]["annotations"][ANNOTATION_SPEC_HASH]
 
 
@@ -465,8 +490,6 @@ MEMBER_SPEC_CHANGES = {
     "alliance-image": lambda m, a: a.update(memberImage="registry.example.org/alliance:3"),
     "endpoint": lambda m, a: a["store"].update(endpoint="http://other:9000"),
     "bucket": lambda m, a: a["store"].update(bucket="other-bucket"),
-    "secret": lambda m, a: a["store"]["credentialsSecret"].update(name="other-secret"),
-    "secret-key": lambda m, a: a["store"]["credentialsSecret"].update(secretKeyKey="sk"),
 }
 
 
@@ -486,6 +509,9 @@ MEMBER_SPEC_NON_CHANGES = {
     "model": lambda m, a: a.update(model={"kerasObject": "uploads/x.keras"}),
     "validator-not-defaulted": lambda m, a: m.pop("validator"),
     "key-order": lambda m, a: (_reorder(m), _reorder(a)),
+    # The Alliance's admin keys never reach a member pod.
+    "secret": lambda m, a: a["store"]["credentialsSecret"].update(name="other-secret"),
+    "secret-key": lambda m, a: a["store"]["credentialsSecret"].update(secretKeyKey="sk"),
 }
 
 
@@ -505,6 +531,34 @@ def test_member_spec_hash_ignores_what_the_pod_does_not_run(change):
     m2, a2 = copy.deepcopy(m), copy.deepcopy(a)
     MEMBER_SPEC_NON_CHANGES[change](m2, a2)
     assert member_hash(m2, a2) == before
+
+
+def test_new_keys_or_a_ca_replace_the_member_pod():
+    m, a = member_spec(), alliance_spec()
+    before = member_hash(m, a)
+    assert member_hash(m, a, credentials_digest="1" * 16) != before
+    assert member_hash(m, a, has_ca=True) != before
+
+
+def test_the_store_ca_reaches_member_and_init_pods_as_a_file():
+    pod = member_pod("hospital-a", member_spec(), alliance_spec(), IMAGE, has_ca=True)
+    env = env_of(pod)
+    path = env[contract.ENV_S3_CA_FILE]["value"]
+    (mount,) = [m for m in container(pod)["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert mount["readOnly"] and volume["secret"] == {
+        "secretName": MEMBER_SECRET,
+        "items": [{"key": contract.SECRET_CA_CERT, "path": path.rsplit("/", 1)[1]}],
+    }
+    a = alliance_spec()
+    a["store"]["caSecret"] = {"name": "store-ca", "key": "ca.pem"}
+    init = pods.init_pod("mnist", a, IMAGE)
+    path = env_of(init)[contract.ENV_S3_CA_FILE]["value"]
+    (volume,) = [v for v in init["spec"]["volumes"] if "secret" in v]
+    assert volume["secret"]["secretName"] == "store-ca"
+    assert volume["secret"]["items"][0]["key"] == "ca.pem"
+    assert kubernetes_validate.validate(init, KUBERNETES_VERSION, strict=True)
+    assert kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
 
 
 def test_member_spec_hash_changes_with_the_operator_settings():
@@ -537,8 +591,8 @@ def test_builders_are_deterministic_and_leave_their_inputs_alone(kind, case):
         m_extra, a_extra, _ = MEMBER_CASES[case]
         m, a = member_spec(**m_extra), alliance_spec(**a_extra)
         m_copy, a_copy = copy.deepcopy(m), copy.deepcopy(a)
-        first = pods.member_pod("hospital-a", m, a, IMAGE, "Always", 10001)
-        second = pods.member_pod("hospital-a", m_copy, a_copy, IMAGE, "Always", 10001)
+        first = member_pod("hospital-a", m, a, IMAGE, "Always", 10001)
+        second = member_pod("hospital-a", m_copy, a_copy, IMAGE, "Always", 10001)
         assert (m, a) == (m_copy, a_copy)
     else:
         a = alliance_spec(**INIT_CASES[case][0])

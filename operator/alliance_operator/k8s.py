@@ -95,8 +95,8 @@ def delete_pod(namespace: str, name: str) -> None:
 # --- secrets ----------------------------------------------------------------------------
 
 
-def read_secret(namespace: str, name: str) -> dict[str, str] | None:
-    """The Secret's data, decoded; None when there is no such Secret."""
+def get_secret(namespace: str, name: str) -> dict | None:
+    """The Secret with its data decoded into ``data`` (str values); None when missing."""
     core = kubernetes.client.CoreV1Api(_api())
     secret = _none_if_missing(
         lambda: core.read_namespaced_secret(name, namespace, _preload_content=False)
@@ -105,7 +105,39 @@ def read_secret(namespace: str, name: str) -> dict[str, str] | None:
         return None
     data = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
     data.update(secret.get("stringData") or {})
-    return data
+    secret["data"] = data
+    return secret
+
+
+def read_secret(namespace: str, name: str) -> dict[str, str] | None:
+    """The Secret's data, decoded; None when there is no such Secret."""
+    secret = get_secret(namespace, name)
+    return None if secret is None else secret["data"]
+
+
+def create_secret(namespace: str, body: dict) -> None:
+    """Create the Secret (``stringData``); one of that name existing already is a conflict
+    the caller resolves (ApiException 409)."""
+    core = kubernetes.client.CoreV1Api(_api())
+    core.create_namespaced_secret(namespace, body, _preload_content=False)
+
+
+def patch_secret(namespace: str, name: str, patch: dict) -> None:
+    """Merge ``patch`` (``stringData``, ``metadata.annotations``) into the Secret."""
+    core = kubernetes.client.CoreV1Api(_api())
+    core.patch_namespaced_secret(name, namespace, patch, _preload_content=False)
+
+
+# --- persistent volume claims -------------------------------------------------------------
+
+
+def get_claim(namespace: str, name: str) -> dict | None:
+    core = kubernetes.client.CoreV1Api(_api())
+    return _none_if_missing(
+        lambda: core.read_namespaced_persistent_volume_claim(
+            name, namespace, _preload_content=False
+        )
+    )
 
 
 # --- our custom resources ---------------------------------------------------------------

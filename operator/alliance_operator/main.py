@@ -89,7 +89,8 @@ def trainingrun_deleted(body, logger, **_) -> None:
     trainingrun.cleanup(CTX, body, logger)
 
 
-# Optional: it adds no finalizer of its own (the timer's keeps the Member until kopf saw it go).
-@kopf.on.delete(GROUP, VERSION, MEMBERS, optional=True)
-def member_deleted(body, **_) -> None:
-    member.deleted(CTX, body)
+# Removes the member's store user; gives up after a minute of an unreachable store (a Member
+# must stay deletable), leaving the user to the next provisioning of that name.
+@kopf.on.delete(GROUP, VERSION, MEMBERS, backoff=5, retries=12)
+def member_deleted(body, logger, **_) -> None:
+    member.deleted(CTX, body, logger)

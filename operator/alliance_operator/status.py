@@ -25,6 +25,10 @@ class StatusUpdate:
             self.conditions, type_, ok, reason, message, self.generation, self.now
         )
 
+    def drop(self, type_: str) -> None:
+        """Remove a condition that no longer applies (a Member that became remote has no pod)."""
+        self.conditions = [c for c in self.conditions if c["type"] != type_]
+
     def get(self, type_: str) -> dict:
         return next((c for c in self.conditions if c["type"] == type_), {})
 

@@ -1,7 +1,10 @@
-"""Member: run the member's agent pod on its data claim and report what the agent says.
+"""Member: give the member its own store keys, run its agent pod on its data claim (unless
+it is remote), and report what the agent says.
 
-Conditions: PodReady (the agent's pod runs), DataReady (the agent validated the data on the
-claim; when not, the message is the exact error: file, line, column, rule), Ready (both).
+Conditions: CredentialsReady (its keys are in the Secret <member>-store), ClaimAllowed (the
+claim exists and is marked for this Member: annotation alliance.dev/member), PodReady (the
+agent's pod runs; not for a remote member), DataReady (the agent validated its data; when not,
+the message is the exact error: file, line, column, rule), Ready (all of them).
 The data verdict comes from the agent's heartbeat in the store: members have no Kubernetes
 API rights, the store is their only channel.
 """
@@ -12,10 +15,10 @@ import time
 
 import kopf
 
-from alliance import untrusted
+from alliance import identities, untrusted
 from alliance.store import StoreError
-from alliance_operator import k8s, metrics
-from alliance_operator.constants import ALLIANCES, ANNOTATION_SPEC_HASH
+from alliance_operator import identity, k8s, metrics
+from alliance_operator.constants import ALLIANCES, ANNOTATION_CLAIM_MEMBER, ANNOTATION_SPEC_HASH
 from alliance_operator.context import Context
 from alliance_operator.podstate import PodHealth, pod_state
 from alliance_operator.resources.pods import member_pod, member_pod_name
@@ -33,7 +36,7 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
     name, namespace = meta["name"], meta["namespace"]
     spec = body["spec"]
     status = StatusUpdate(body)
-    old, new, cond = status.old, status.new, status.set
+    new, cond = status.new, status.set
 
     alliance = k8s.get_custom(namespace, ALLIANCES, spec["alliance"])
     if alliance is None:
@@ -44,44 +47,39 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
     cond("AllianceFound", True, "Found", f'member of Alliance "{spec["alliance"]}"')
 
     pod_name = member_pod_name(name)
-    desired = member_pod(
-        name,
-        spec,
-        alliance["spec"],
-        ctx.config.member_image,
-        ctx.config.image_pull_policy,
-        ctx.config.run_as_user,
-    )
+    remote = bool(spec.get("remote"))
+    refusal = None if remote else _claim_refusal(namespace, name, spec.get("dataVolumeClaim"))
+    if remote:
+        status.drop("ClaimAllowed")
+    elif refusal:
+        cond("ClaimAllowed", False, *refusal)
+    else:
+        cond("ClaimAllowed", True, "Marked", f'claim "{spec["dataVolumeClaim"]}" is marked for it')
+    try:
+        admin = ctx.stores.admin_config(namespace, alliance)
+        credentials = identity.ensure(body, alliance, admin)
+    except (StoreUnavailable, identity.IdentityError) as exc:
+        credentials = None
+        cond("CredentialsReady", False, exc.reason, exc.message)
+    else:
+        cond("CredentialsReady", True, "Issued", f"its own store keys: Secret {credentials.secret}")
+
     pod = k8s.get_pod(namespace, pod_name)
     state = pod_state(pod)
-    ctx.losses.observe(namespace, name, spec["alliance"], state.lost)
-    if state.health == PodHealth.FAILED:
-        # Evicted, or exited for good: a Member always wants its agent, so replace the pod.
-        kopf.warn(
-            body, reason="PodFailed", message=f"pod {pod_name}: {state.reason}: {state.message}"
-        )
-        k8s.delete_pod(namespace, pod_name)
-    elif pod is not None and state.health != PodHealth.TERMINATING:
-        current = (pod["metadata"].get("annotations") or {}).get(ANNOTATION_SPEC_HASH)
-        if current != desired["metadata"]["annotations"][ANNOTATION_SPEC_HASH]:
-            kopf.info(body, reason="PodReplaced", message=f"the spec changed: replacing {pod_name}")
+    if remote or refusal:
+        if pod is not None:  # it became remote, or its claim is no longer its own
             k8s.delete_pod(namespace, pod_name)
-    elif pod is None:
-        kopf.adopt(desired, owner=body)
-        k8s.create_pod(namespace, desired)
-        kopf.info(body, reason="PodCreated", message=f"created pod {pod_name}")
-
-    if state.restarts > int(old.get("restarts") or 0):
-        kopf.warn(
-            body,
-            reason="AgentRestarted",
-            message=f"pod {pod_name} restarted ({state.restarts} restarts): "
-            f"{state.exit_message or state.reason}",
-        )
-    new["restarts"] = state.restarts
-    new["pod"] = pod_name
-    pod_ok = state.health == PodHealth.RUNNING
-    cond("PodReady", pod_ok, state.reason, f"pod {pod_name}: {state.message}")
+            kopf.info(body, reason="PodDeleted", message=f"deleted pod {pod_name}")
+        if remote:
+            status.drop("PodReady")
+            new.pop("pod", None)
+            new.pop("restarts", None)
+        else:
+            cond("PodReady", False, refusal[0], refusal[1])
+        ctx.losses.observe(namespace, name, spec["alliance"], not remote)
+        pod_ok = remote
+    else:
+        pod_ok = _run_pod(ctx, body, alliance, credentials, pod, state, status)
 
     beat, beat_age = None, None
     try:
@@ -99,7 +97,10 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
     if beat and beat.get("state") == "ready":
         new["trainRows"] = int(beat.get("trainRows") or 0)
         new["testRows"] = int(beat.get("testRows") or 0)
-    if pod_ok and data_ok and stale:
+    if refusal:
+        cond("Ready", False, *refusal)
+        new.update(phase="Refused", message=refusal[1])
+    elif pod_ok and data_ok and stale:
         # The pod runs but the agent is silent (hung, or cut off from the store): the runs
         # count it as lost, so it is not Ready either.
         message = f"no heartbeat for {beat_age:.0f} s (the agent may be hung or cut off)"
@@ -115,7 +116,11 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
         message = status.get("DataReady")["message"]
         cond("Ready", False, "InvalidData", message)
         new.update(phase="InvalidData", message=message)
-    elif state.health in (PodHealth.STUCK, PodHealth.FAILED):
+    elif credentials is None:
+        failed = status.get("CredentialsReady")
+        cond("Ready", False, failed["reason"], failed["message"])
+        new.update(phase="Pending", message=failed["message"])
+    elif not remote and state.health in (PodHealth.STUCK, PodHealth.FAILED):
         cond("Ready", False, state.reason, state.message)
         new.update(phase=state.reason, message=state.message)
     else:
@@ -127,6 +132,85 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
         cond("Ready", False, waiting["reason"], waiting["message"])
         new.update(phase="Starting", message=waiting["message"])
     return _finish(status)
+
+
+def _run_pod(ctx: Context, body: dict, alliance: dict, credentials, pod, state, status) -> bool:
+    """Create, replace or keep the agent's pod; returns whether it runs. Without credentials
+    (the store or the Secret is not usable now) an existing pod is kept as it is."""
+    meta, spec = body["metadata"], body["spec"]
+    name, namespace = meta["name"], meta["namespace"]
+    pod_name = member_pod_name(name)
+    ctx.losses.observe(namespace, name, spec["alliance"], state.lost)
+    desired = None
+    if credentials is not None:
+        desired = member_pod(
+            name,
+            spec,
+            alliance["spec"],
+            ctx.config.member_image,
+            ctx.config.image_pull_policy,
+            ctx.config.run_as_user,
+            credentials_secret=credentials.secret,
+            credentials_digest=credentials.digest,
+            has_ca=credentials.has_ca,
+        )
+    if state.health == PodHealth.FAILED:
+        # Evicted, or exited for good: a Member always wants its agent, so replace the pod.
+        kopf.warn(
+            body, reason="PodFailed", message=f"pod {pod_name}: {state.reason}: {state.message}"
+        )
+        k8s.delete_pod(namespace, pod_name)
+    elif pod is not None and desired and state.health != PodHealth.TERMINATING:
+        current = (pod["metadata"].get("annotations") or {}).get(ANNOTATION_SPEC_HASH)
+        if current != desired["metadata"]["annotations"][ANNOTATION_SPEC_HASH]:
+            kopf.info(
+                body,
+                reason="PodReplaced",
+                message=f"the spec or the store keys changed: replacing {pod_name}",
+            )
+            k8s.delete_pod(namespace, pod_name)
+    elif pod is None and desired:
+        kopf.adopt(desired, owner=body)
+        k8s.create_pod(namespace, desired)
+        kopf.info(body, reason="PodCreated", message=f"created pod {pod_name}")
+
+    if state.restarts > int(status.old.get("restarts") or 0):
+        kopf.warn(
+            body,
+            reason="AgentRestarted",
+            message=f"pod {pod_name} restarted ({state.restarts} restarts): "
+            f"{state.exit_message or state.reason}",
+        )
+    status.new["restarts"] = state.restarts
+    status.new["pod"] = pod_name
+    pod_ok = state.health == PodHealth.RUNNING
+    status.set("PodReady", pod_ok, state.reason, f"pod {pod_name}: {state.message}")
+    return pod_ok
+
+
+def _claim_refusal(namespace: str, member: str, claim_name: str | None) -> tuple[str, str] | None:
+    """Why the Member may not mount its claim, as (reason, message); None when it may. A claim
+    is a member's only when marked for it: else any Member could read any claim's data."""
+    if not claim_name:
+        return "NoClaim", "spec.dataVolumeClaim: required unless spec.remote is true"
+    claim = k8s.get_claim(namespace, claim_name)
+    if claim is None:
+        return "ClaimNotFound", f'PersistentVolumeClaim "{claim_name}" not found'
+    owner = (claim["metadata"].get("annotations") or {}).get(ANNOTATION_CLAIM_MEMBER)
+    if owner == member:
+        return None
+    if owner:
+        return (
+            "ClaimNotMarked",
+            f'PersistentVolumeClaim "{claim_name}" is marked for Member "{owner}", not this '
+            "one: a claim holds one member's data",
+        )
+    return (
+        "ClaimNotMarked",
+        f'PersistentVolumeClaim "{claim_name}" is not marked for this Member: its owner allows '
+        f"it with `kubectl annotate pvc {claim_name} -n {namespace} "
+        f"{ANNOTATION_CLAIM_MEMBER}={member}`",
+    )
 
 
 def _heartbeat(content) -> dict | None:
@@ -193,9 +277,21 @@ def _finish(status: StatusUpdate) -> dict:
     return status.patch()
 
 
-def deleted(ctx: Context, body: dict) -> None:
-    """The Member is gone: it no longer counts in its alliance's ready members. (The runs
-    already count it lost: it left kopf's index of members when its deletion began.)"""
+def deleted(ctx: Context, body: dict, logger) -> None:
+    """The Member is gone: its store user is removed, and it no longer counts in its
+    alliance's ready members. (The runs already count it lost: it left kopf's index of members
+    when its deletion began.) Its Secret and pod go by garbage collection (it owns them)."""
     meta = body["metadata"]
     ctx.losses.forget(meta["namespace"], meta["name"])
     metrics.forget_member(meta["namespace"], meta["name"], meta["uid"])
+    alliance = k8s.get_custom(meta["namespace"], ALLIANCES, body["spec"]["alliance"])
+    if alliance is None:
+        logger.warning("its Alliance is gone: the member's store user stays")
+        return
+    try:
+        identities.remove(ctx.stores.admin_config(meta["namespace"], alliance), meta["name"])
+    except StoreUnavailable as exc:
+        logger.warning("the member's store user stays: %s", exc.message)
+    except StoreError as exc:
+        raise kopf.TemporaryError(f"cannot remove the member's store user: {exc}", delay=5) from exc
+    logger.info("removed the member's store user")

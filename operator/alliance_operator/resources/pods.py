@@ -1,9 +1,10 @@
 """The pods the operator runs: a Member's agent and an Alliance's one-off initialisation.
 
-Both run the member image's ``alliance`` command with the store's credentials from the
-Alliance's Secret. They are hardened the same way: non-root, read-only root filesystem, no
-capabilities, no service-account token (members need no Kubernetes API rights: the store is
-their only channel), writable scratch space only in emptyDirs.
+Both run the member image's ``alliance`` command: the agent with the member's own store keys
+(its Secret, resources/secrets.py), the initialisation with the Alliance's. They verify an
+https store with the CA from those Secrets. They are hardened the same way: non-root, read-only
+root filesystem, no capabilities, no service-account token (members need no Kubernetes API
+rights: the store is their only channel), writable scratch space only in emptyDirs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import json
 
 from alliance import contract
 from alliance_operator.constants import (
+    ANNOTATION_CREDENTIALS,
     ANNOTATION_SPEC_HASH,
+    CA_MOUNT_PATH,
     CACHE_MOUNT_PATH,
     DATA_MOUNT_PATH,
     LABEL_ALLIANCE,
@@ -80,25 +83,29 @@ def labels(component: str, alliance: str, member: str | None = None) -> dict[str
     return out
 
 
-def store_env(store: dict) -> list[dict]:
-    """The store's endpoint, bucket and credentials, as the agent's variables."""
-    secret = store["credentialsSecret"]
+def store_env(store: dict, secret: str, access_key: str, secret_key: str) -> list[dict]:
+    """The store's endpoint and bucket, and the keys from ``secret``, as the agent's variables."""
 
     def from_secret(key: str) -> dict:
-        return {"secretKeyRef": {"name": secret["name"], "key": key}}
+        return {"secretKeyRef": {"name": secret, "key": key}}
 
     return [
         {"name": contract.ENV_S3_ENDPOINT, "value": store["endpoint"]},
         {"name": contract.ENV_BUCKET, "value": store["bucket"]},
-        {
-            "name": contract.ENV_S3_ACCESS_KEY,
-            "valueFrom": from_secret(secret.get("accessKeyKey", "accessKey")),
-        },
-        {
-            "name": contract.ENV_S3_SECRET_KEY,
-            "valueFrom": from_secret(secret.get("secretKeyKey", "secretKey")),
-        },
+        {"name": contract.ENV_S3_ACCESS_KEY, "valueFrom": from_secret(access_key)},
+        {"name": contract.ENV_S3_SECRET_KEY, "valueFrom": from_secret(secret_key)},
     ]
+
+
+def ca_file(secret: str, key: str) -> tuple[dict, dict, dict]:
+    """The store's CA, ``key`` of ``secret``, as a file: (volume, mount, variable)."""
+    volume = {
+        "name": "store-ca",
+        "secret": {"secretName": secret, "items": [{"key": key, "path": "ca.crt"}]},
+    }
+    mount = {"name": "store-ca", "mountPath": CA_MOUNT_PATH, "readOnly": True}
+    env = {"name": contract.ENV_S3_CA_FILE, "value": f"{CA_MOUNT_PATH}/ca.crt"}
+    return volume, mount, env
 
 
 def _runtime_env() -> list[dict]:
@@ -146,15 +153,18 @@ def _scratch_volumes() -> tuple[list[dict], list[dict]]:
 
 def spec_hash(pod: dict) -> str:
     """A short digest of what the operator asked for; a change replaces the pod."""
-    payload = json.dumps({"spec": pod["spec"], "labels": pod["metadata"]["labels"]}, sort_keys=True)
+    meta = pod["metadata"]
+    annotations = {k: v for k, v in meta["annotations"].items() if k != ANNOTATION_SPEC_HASH}
+    what = {"spec": pod["spec"], "labels": meta["labels"], "annotations": annotations}
+    payload = json.dumps(what, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _pod(name: str, pod_labels: dict, spec: dict) -> dict:
+def _pod(name: str, pod_labels: dict, spec: dict, annotations: dict | None = None) -> dict:
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name, "labels": pod_labels, "annotations": {}},
+        "metadata": {"name": name, "labels": pod_labels, "annotations": dict(annotations or {})},
         "spec": spec,
     }
     pod["metadata"]["annotations"][ANNOTATION_SPEC_HASH] = spec_hash(pod)
@@ -168,8 +178,14 @@ def member_pod(
     default_image: str,
     image_pull_policy: str = "IfNotPresent",
     run_as_user: int = 10001,
+    *,
+    credentials_secret: str,
+    credentials_digest: str,
+    has_ca: bool = False,
 ) -> dict:
-    """The pod of a Member's agent, bound read-only to the Member's data claim."""
+    """The pod of a Member's agent, bound read-only to the Member's data claim, with the
+    member's own keys from ``credentials_secret`` (whose content has ``credentials_digest``:
+    new keys replace the pod, as a running container never sees a changed Secret)."""
     args = contract.member_args(
         member,
         DATA_MOUNT_PATH,
@@ -179,7 +195,12 @@ def member_pod(
         validate_command=member_spec.get("validateCommand"),
     )
     env = [
-        *store_env(alliance_spec["store"]),
+        *store_env(
+            alliance_spec["store"],
+            credentials_secret,
+            contract.SECRET_ACCESS_KEY,
+            contract.SECRET_SECRET_KEY,
+        ),
         # Parsed CSV data is cached here between restarts of the container.
         {"name": contract.ENV_CACHE_DIR, "value": CACHE_MOUNT_PATH},
         # The agent's Prometheus metrics (the only port it listens on; it serves nothing else).
@@ -204,6 +225,11 @@ def member_pod(
         {"name": "data", "mountPath": DATA_MOUNT_PATH, "readOnly": True},
         {"name": "cache", "mountPath": CACHE_MOUNT_PATH},
     ]
+    if has_ca:
+        volume, mount, variable = ca_file(credentials_secret, contract.SECRET_CA_CERT)
+        volumes.append(volume)
+        mounts.append(mount)
+        env.append(variable)
     container = {
         "name": "agent",
         "image": member_spec.get("image") or alliance_spec.get("memberImage") or default_image,
@@ -232,6 +258,7 @@ def member_pod(
             "containers": [container],
             "volumes": volumes,
         },
+        {ANNOTATION_CREDENTIALS: credentials_digest},
     )
 
 
@@ -252,13 +279,27 @@ def init_pod(
         alliance_spec.get("seed", 0), log_level="info", keras_object=model.get("kerasObject")
     )
     volumes, mounts = _scratch_volumes()
+    store = alliance_spec["store"]
+    keys = store["credentialsSecret"]
+    env = store_env(
+        store,
+        keys["name"],
+        keys.get("accessKeyKey", contract.SECRET_ACCESS_KEY),
+        keys.get("secretKeyKey", contract.SECRET_SECRET_KEY),
+    )
+    if store.get("caSecret"):
+        ca = store["caSecret"]
+        volume, mount, variable = ca_file(ca["name"], ca.get("key", contract.SECRET_CA_CERT))
+        volumes.append(volume)
+        mounts.append(mount)
+        env.append(variable)
     container = {
         "name": "agent",
         "image": alliance_spec.get("memberImage") or default_image,
         "imagePullPolicy": image_pull_policy,
         "command": [contract.COMMAND],
         "args": args,
-        "env": [*store_env(alliance_spec["store"]), *_runtime_env()],
+        "env": [*env, *_runtime_env()],
         "resources": copy.deepcopy(INIT_RESOURCES),
         "volumeMounts": mounts,
         "securityContext": _container_security(),
