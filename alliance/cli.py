@@ -52,6 +52,20 @@ built-in Keras code; see docs/member-commands.md for the contract.
 """
 
 
+EPILOG_IDENTITIES = """\
+create and remove talk to MinIO's admin API (MinIO, or the embedded runner's JuiceFS gateway)
+with the store's admin keys:
+  ALLIANCE_S3_ENDPOINT  ALLIANCE_S3_ACCESS_KEY  ALLIANCE_S3_SECRET_KEY  ALLIANCE_BUCKET
+  ALLIANCE_S3_CA_FILE (optional: the CA of an https store)
+
+  alliance identities create hospital-a hospital-b --out bundles/ --alliance mnist
+  alliance identities policy hospital-a --bucket alliance > policy.json
+  alliance identities remove hospital-b
+
+On Kubernetes the operator does this for every Member (docs/operations.md, section 6).
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -197,6 +211,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="random seed of the initial weights")
     p.set_defaults(func=cmd_init)
+
+    p = add(
+        "identities",
+        help="members' own store keys: create, rotate, remove; the policy; join bundles",
+        description="Give each member its own store identity: an S3 user whose policy lets "
+        "it read the models, tasks and run specs and write only its own objects.",
+        epilog=EPILOG_IDENTITIES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = p.add_subparsers(metavar="ACTION", required=True)
+    q = actions.add_parser(
+        "create",
+        help="create (or rotate) members' users; write a join bundle for each",
+        description="Create each member's user and policy with the admin keys in ALLIANCE_S3_* "
+        "(run again: a new key, the old one stops working at once), and write "
+        "OUT/<member>.bundle.yaml (mode 0600) for `alliance member --join`.",
+    )
+    q.add_argument("members", nargs="+", metavar="MEMBER")
+    q.add_argument("--out", type=Path, required=True, help="where the bundles go")
+    q.add_argument("--alliance", help="the alliance's name in the bundles (default: the bucket)")
+    q.add_argument(
+        "--endpoint",
+        help="the store's URL as the members reach it (default: ALLIANCE_S3_ENDPOINT)",
+    )
+    q.set_defaults(func=cmd_identities_create)
+    q = actions.add_parser(
+        "remove",
+        help="delete members' users and policies",
+        description="Delete each member's user and policy (done when already gone).",
+    )
+    q.add_argument("members", nargs="+", metavar="MEMBER")
+    q.set_defaults(func=cmd_identities_remove)
+    q = actions.add_parser(
+        "policy",
+        help="print a member's IAM policy (JSON), for a store without MinIO's admin API",
+        description="Print the IAM policy of MEMBER's user in BUCKET, to create the user by "
+        "hand on an S3 service without MinIO's admin API. Needs no store.",
+    )
+    q.add_argument("member", metavar="MEMBER")
+    q.add_argument("--bucket", required=True)
+    q.set_defaults(func=cmd_identities_policy)
+    q = actions.add_parser(
+        "bundle",
+        help="print a join bundle from a member's keys in ALLIANCE_S3_*",
+        description="Print MEMBER's join bundle, made from the member's own keys in the "
+        "environment (ALLIANCE_S3_*, ALLIANCE_BUCKET, ALLIANCE_S3_CA_FILE): for keys made "
+        "by hand.",
+    )
+    q.add_argument("member", metavar="MEMBER")
+    q.add_argument("--alliance", help="the alliance's name in the bundle (default: the bucket)")
+    q.set_defaults(func=cmd_identities_bundle)
 
     p = add(
         "check-data",
@@ -592,6 +657,54 @@ def cmd_member(args) -> int:
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
     agent.run()
+    return 0
+
+
+def cmd_identities_create(args) -> int:
+    from alliance import identities
+    from alliance.store import StoreConfig
+
+    admin = StoreConfig.from_env()
+    made = identities.provision(admin, args.members)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for member, keys in made.items():
+        path = args.out / f"{member}.bundle.yaml"
+        text = identities.bundle_yaml(
+            args.alliance or admin.bucket, member, keys, args.endpoint or admin.endpoint
+        )
+        path.touch(mode=0o600)
+        path.chmod(0o600)  # it holds the member's secret key
+        path.write_text(text)
+        print(f"{member}: user {keys.access_key}, bundle {path}")
+    return 0
+
+
+def cmd_identities_remove(args) -> int:
+    from alliance import identities
+    from alliance.store import StoreConfig
+
+    admin = StoreConfig.from_env()
+    for member in args.members:
+        identities.remove(admin, member)
+        print(f"{member}: removed")
+    return 0
+
+
+def cmd_identities_policy(args) -> int:
+    from alliance import identities
+
+    identities.check_name(args.member)
+    print(json.dumps(identities.member_policy(args.bucket, args.member), indent=2))
+    return 0
+
+
+def cmd_identities_bundle(args) -> int:
+    from alliance import identities
+    from alliance.store import StoreConfig
+
+    identities.check_name(args.member)
+    keys = StoreConfig.from_env()
+    print(identities.bundle_yaml(args.alliance or keys.bucket, args.member, keys, keys.endpoint))
     return 0
 
 

@@ -33,6 +33,7 @@ from minio import MinioAdmin
 from minio.credentials import StaticProvider
 from minio.error import MinioAdminException
 
+from alliance import contract
 from alliance.store import StoreConfig, StoreError
 
 #: What an admin call raises: the API's refusals and transport failures.
@@ -89,6 +90,29 @@ def member_policy(bucket: str, member: str) -> dict:
             },
         ],
     }
+
+
+def bundle_yaml(alliance: str, member: str, keys: StoreConfig, endpoint: str) -> str:
+    """The join bundle of ``member`` (alliance/contract.py) as YAML, with a header saying what
+    it is and how it is used; ``endpoint`` is the store as the member reaches it."""
+    import yaml
+
+    bundle = contract.join_bundle(
+        alliance=alliance,
+        member=member,
+        endpoint=endpoint,
+        bucket=keys.bucket,
+        access_key=keys.access_key,
+        secret_key=keys.secret_key,
+        ca_cert=keys.ca_cert,
+    )
+    header = (
+        f"# Join bundle of member {member} of alliance {alliance}. It holds the member's own\n"
+        "# store keys: hand it over privately. Use it with\n"
+        "#   alliance member --join bundle.yaml --data-dir DIR\n"
+        "# or: helm install <name> charts/alliance-member -f bundle.yaml\n"
+    )
+    return header + yaml.safe_dump(bundle, sort_keys=False, default_flow_style=False)
 
 
 def check_name(member: str) -> None:

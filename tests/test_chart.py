@@ -15,18 +15,23 @@ processes: what stays after the uninstall is exactly what docs/operations.md say
 Not checked here: that MinIO starts with these settings (no container runtime), that the
 Prometheus Operator accepts the monitors (its CRDs are not available offline), RBAC enforcement
 (the test API server authorizes everything), the pods' in-cluster login (the stand-in mounts no
-service-account token: they use KUBECONFIG) and NetworkPolicy enforcement (no CNI).
+service-account token: they use KUBECONFIG) and NetworkPolicy enforcement (no CNI). MinIO's
+generated certificate is checked without MinIO: its names (DER) and a TLS handshake with Python's
+ssl module that verifies it against the generated CA.
 """
 
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
+import ipaddress
 import json
 import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -61,8 +66,36 @@ SCENARIOS: dict[str, dict] = {
             "existingSecret": "s3-keys",
             "accessKeyKey": "AWS_ACCESS_KEY_ID",
             "secretKeyKey": "AWS_SECRET_ACCESS_KEY",
+            "caSecret": {"name": "s3-ca", "key": "ca.pem"},
         },
         "networkPolicy": {"externalStoreCIDRs": ["203.0.113.0/24", "2001:db8::/32"]},
+    },
+    # MinIO for members outside the cluster too: a node port, the names they use in the
+    # certificate, their networks admitted; the operator's API server pinned.
+    "remote-members": {
+        "minio": {
+            "tls": {"extraSANs": ["s3.alliance.example", "198.51.100.7", "2001:db8::7"]},
+            "service": {"type": "NodePort", "nodePort": 30900},
+        },
+        "alliance": {"remoteEndpoint": "https://s3.alliance.example:30900"},
+        "networkPolicy": {
+            "remoteMembersFrom": [
+                {"ipBlock": {"cidr": "192.0.2.0/24"}},
+                {"ipBlock": {"cidr": "2001:db8:1::/48"}},
+            ],
+            "apiServer": {"cidrs": ["10.0.0.1/32", "172.18.0.2/32"], "ports": [6443]},
+        },
+    },
+    "cert-manager": {
+        "minio": {
+            "tls": {
+                "extraSANs": ["s3.alliance.example", "198.51.100.7"],
+                "certManager": {"issuerRef": {"name": "alliance-ca", "kind": "ClusterIssuer"}},
+            },
+            "service": {"type": "LoadBalancer"},
+        },
+        "alliance": {"remoteEndpoint": "https://s3.alliance.example:9000"},
+        "networkPolicy": {"remoteMembersFrom": [{"ipBlock": {"cidr": "192.0.2.0/24"}}]},
     },
     "metrics-dashboard": {
         "metrics": {
@@ -145,7 +178,9 @@ API_CLIENT_PODS = {f"Deployment/{RELEASE}-operator", f"Pod/{HOOK}"}
 ALLIANCE_RESOURCES = ("alliances", "members", "trainingruns")
 OPERATOR_RULES = {  # (apiGroup, resource) -> verbs: exactly what the operator and kopf call
     ("", "pods"): {"get", "list", "create", "delete"},
-    ("", "secrets"): {"get"},
+    # Named Secrets only (no list/watch); Members' own Secrets go by garbage collection.
+    ("", "secrets"): {"get", "create", "patch"},
+    ("", "persistentvolumeclaims"): {"get"},
     ("", "events"): {"create"},
     **{("alliance.dev", r): {"get", "list", "watch", "patch"} for r in ALLIANCE_RESOURCES},
     **{("alliance.dev", f"{r}/status"): {"patch"} for r in ALLIANCE_RESOURCES},
@@ -279,7 +314,14 @@ def member_pods(alliance: str = "mnist") -> list[dict]:
     }
     member_spec = {"alliance": alliance, "dataVolumeClaim": "hospital-a-data"}
     return [
-        member_pod("hospital-a", member_spec, alliance_spec, "alliance-member:0.1.0"),
+        member_pod(
+            "hospital-a",
+            member_spec,
+            alliance_spec,
+            "alliance-member:0.1.0",
+            credentials_secret="hospital-a-store",
+            credentials_digest="0",
+        ),
         init_pod(alliance, alliance_spec, "alliance-member:0.1.0"),
     ]
 
@@ -316,6 +358,12 @@ def test_helm_lint_strict(scenario, tmp_path):
         ({"minio": {"auth": {"rootPassword": "hunter2"}}}, "rootPassword"),  # never a password
         ({"operator": {"resources": {"limit": {"cpu": 1}}}}, "limit"),
         ({"bogus": True}, "bogus"),
+        ({"minio": {"service": {"type": "ExternalName"}}}, "minio.service.type"),
+        ({"minio": {"tls": {"extraSANs": ["https://s3.example"]}}}, "minio.tls.extraSANs"),
+        ({"alliance": {"remoteEndpoint": "s3.example:9000"}}, "alliance.remoteEndpoint"),
+        ({"networkPolicy": {"apiServer": {"ports": []}}}, "networkPolicy.apiServer.ports"),
+        ({"networkPolicy": {"remoteMembersFrom": [{}]}}, "networkPolicy.remoteMembersFrom"),
+        ({"externalStore": {"caSecret": {"name": "s3-ca", "cert": "x"}}}, "cert"),
     ],
 )
 def test_schema_refuses_bad_values(values, message, tmp_path):
@@ -335,6 +383,12 @@ def test_schema_refuses_bad_values(values, message, tmp_path):
         ),
         ({"externalStore": {"endpoint": "https://s3.example.org"}}, "set minio.enabled=false"),
         ({"operator": {"watchNamespaces": ["team-a"]}}, "does not list"),
+        ({"minio": {"service": {"nodePort": 30900}}}, "minio.service.type is ClusterIP"),
+        (
+            {"minio": {"tls": {"enabled": False, "certManager": {"issuerRef": {"name": "ca"}}}}},
+            "minio.tls.enabled is false",
+        ),
+        ({"externalStore": {"caSecret": {"name": "s3-ca"}}}, "set minio.enabled=false"),
     ],
 )
 def test_inconsistent_values_fail_with_a_message(values, message, tmp_path):
@@ -431,7 +485,7 @@ def test_chart_crds_are_copies_of_crds():
 
 # --- the rendered manifests ------------------------------------------------------------------
 
-CUSTOM_KINDS = {"Alliance", "ServiceMonitor", "PodMonitor"}
+CUSTOM_KINDS = {"Alliance", "ServiceMonitor", "PodMonitor", "Certificate"}
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
@@ -468,7 +522,7 @@ def test_alliance_is_valid_for_its_crd(scenario, rendered):
 def test_default_alliance_points_at_the_chart_store(rendered):
     _, objs = rendered["defaults"]
     store = one(objs, "Alliance", "mnist")["spec"]["store"]
-    assert store["endpoint"] == f"http://alliance-minio.{NAMESPACE}.svc:9000"
+    assert store["endpoint"] == f"https://alliance-minio.{NAMESPACE}.svc:9000"
     assert store["bucket"] == "alliance"
     secret = one(objs, "Secret", "alliance-minio")
     assert store["credentialsSecret"] == {
@@ -477,8 +531,35 @@ def test_default_alliance_points_at_the_chart_store(rendered):
         "secretKeyKey": "secretKey",
     }
     assert set(secret["data"]) == {"accessKey", "secretKey"}
+    # The operator uses the keys only for the Alliance named, with the endpoint named.
+    annotations = secret["metadata"]["annotations"]
+    assert annotations["alliance.dev/alliances"] == "mnist"
+    assert annotations["alliance.dev/store-endpoint"] == store["endpoint"]
+    tls = one(objs, "Secret", "alliance-minio-tls")
+    assert store["caSecret"] == {"name": tls["metadata"]["name"], "key": "ca.crt"}
+    assert tls["metadata"]["annotations"]["alliance.dev/alliances"] == "mnist"
+    assert "remoteEndpoint" not in store
     service = one(objs, "Service", "alliance-minio")
     assert [p["port"] for p in service["spec"]["ports"]] == [9000]
+    assert service["spec"]["type"] == "ClusterIP" and "nodePort" not in service["spec"]["ports"][0]
+    assert "externalTrafficPolicy" not in service["spec"]
+
+
+def test_alliance_names_what_the_values_name(tmp_path):
+    """Another Alliance name goes into the Secrets' annotations too; without TLS, http and no CA."""
+    values = {"alliance": {"name": "cifar"}, "minio": {"tls": {"enabled": False}}}
+    objs = docs(template(values_file(tmp_path, "cifar", values)).stdout)
+    store = one(objs, "Alliance", "cifar")["spec"]["store"]
+    assert store["endpoint"] == f"http://alliance-minio.{NAMESPACE}.svc:9000"
+    assert "caSecret" not in store
+    (secret,) = find(objs, "Secret")
+    assert secret["metadata"]["annotations"]["alliance.dev/alliances"] == "cifar"
+    assert secret["metadata"]["annotations"]["alliance.dev/store-endpoint"] == store["endpoint"]
+    (c,) = one(objs, "StatefulSet")["spec"]["template"]["spec"]["containers"]
+    assert "--certs-dir" not in c["args"]
+    assert c["readinessProbe"]["httpGet"]["scheme"] == "HTTP"
+    (test,) = one(objs, "Pod", TEST_POD)["spec"]["containers"]
+    assert test["command"][-1] == ""  # the system's CAs (none needed for http)
 
 
 def test_external_store_scenario(rendered):
@@ -494,6 +575,7 @@ def test_external_store_scenario(rendered):
             "accessKeyKey": "AWS_ACCESS_KEY_ID",
             "secretKeyKey": "AWS_SECRET_ACCESS_KEY",
         },
+        "caSecret": {"name": "s3-ca", "key": "ca.pem"},
     }
     policy = one(objs, "NetworkPolicy", "alliance-members")
     (to_store, dns) = policy["spec"]["egress"]
@@ -529,8 +611,8 @@ def test_custom_images_and_resources(rendered):
     (claim,) = minio["volumeClaimTemplates"]
     assert claim["spec"]["storageClassName"] == "fast-ssd"
     assert claim["spec"]["resources"]["requests"]["storage"] == "100Gi"
-    # A Secret named in values replaces the generated one, everywhere.
-    assert not find(objs, "Secret")
+    # A Secret named in values replaces the generated one, everywhere (the certificate's stays).
+    assert [s["metadata"]["name"] for s in find(objs, "Secret")] == ["alliance-minio-tls"]
     refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in mc["env"] if "valueFrom" in e}
     assert refs == {"my-minio-root"}
     assert one(objs, "Alliance")["spec"]["store"]["credentialsSecret"]["name"] == "my-minio-root"
@@ -671,7 +753,9 @@ def api_calls(text: str) -> set[tuple[str, str]]:
 
 def test_rbac_grants_every_api_call_of_the_operator():
     """Each call of the kubernetes client in the operator's code has its rule (and the rules
-    grant nothing the code and kopf do not use: OPERATOR_RULES is exact, see above)."""
+    grant nothing the code and kopf do not use: OPERATOR_RULES is exact, see above). On Secrets
+    and claims, which only the operator's code touches (not kopf), the rights are exactly its
+    calls: no list or watch of Secrets, no delete."""
     calls = set()
     for path in OPERATOR_PACKAGE.rglob("*.py"):
         if path == UNINSTALL_MODULE:
@@ -679,8 +763,10 @@ def test_rbac_grants_every_api_call_of_the_operator():
         for verb, kind in api_calls(path.read_text()):
             if kind == "custom_object_status":  # a daemon's own status writes
                 resources = tuple(f"{r}/status" for r in ALLIANCE_RESOURCES)
-            else:
-                resources = ALLIANCE_RESOURCES if kind == "custom_object" else (f"{kind}s",)
+            elif kind == "custom_object":
+                resources = ALLIANCE_RESOURCES
+            else:  # persistent_volume_claim -> persistentvolumeclaims
+                resources = (kind.replace("_", "") + "s",)
             group = "alliance.dev" if kind.startswith("custom_object") else ""
             calls |= {(group, r, verb) for r in resources}
     assert calls, "no API calls found: has k8s.py moved?"
@@ -689,6 +775,9 @@ def test_rbac_grants_every_api_call_of_the_operator():
             f"the operator calls {verb} on {group or 'core'}/{resource}: grant it in "
             "charts/alliance/templates/operator-rbac.yaml (alliance.operator.rules) and here"
         )
+    for resource in ("secrets", "persistentvolumeclaims"):
+        called = {verb for group, r, verb in calls if (group, r) == ("", resource)}
+        assert OPERATOR_RULES[("", resource)] == called, resource
 
 
 def test_no_wildcards_in_rbac(rendered):
@@ -743,17 +832,21 @@ SECRET_ENV = re.compile(r"(?i)(password|secret|access_?key|token|credential)")
 def test_no_literal_secret_in_the_manifests(scenario, rendered):
     text, objs = rendered[scenario]
     secrets = find(objs, "Secret")
-    values = SCENARIOS[scenario]
-    generated = values.get("minio", {}).get("enabled", True) and not values.get("minio", {}).get(
-        "auth", {}
-    ).get("existingSecret")
-    assert [s["metadata"]["name"] for s in secrets] == (["alliance-minio"] if generated else [])
+    minio = SCENARIOS[scenario].get("minio", {})
+    enabled = minio.get("enabled", True)
+    keys = enabled and not minio.get("auth", {}).get("existingSecret")
+    cert = enabled and not minio.get("tls", {}).get("certManager")  # else cert-manager's Secret
+    expected = ["alliance-minio"] * bool(keys) + ["alliance-minio-tls"] * bool(cert)
+    assert sorted(s["metadata"]["name"] for s in secrets) == expected
     for secret in secrets:
         assert "stringData" not in secret
         assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
-        for value in secret["data"].values():
+        for key, value in secret["data"].items():
             plain = base64.b64decode(value).decode()
-            assert len(plain) >= 20 and plain.isalnum()
+            if secret["type"] == "kubernetes.io/tls":
+                assert plain.startswith("-----BEGIN "), key
+            else:
+                assert len(plain) >= 20 and plain.isalnum()
             # Appears in the Secret only: nowhere else, neither plain nor encoded.
             assert text.count(plain) == 0 and text.count(value) == 1
     for where, _, spec in pod_specs(objs):
@@ -770,13 +863,160 @@ def test_generated_credentials_differ_on_each_install(tmp_path):
     path = values_file(tmp_path, "defaults", {})
 
     def keys():
-        return one(docs(template(path).stdout), "Secret")["data"]
+        return one(docs(template(path).stdout), "Secret", "alliance-minio")["data"]
 
     first, second = keys(), keys()
     assert first["accessKey"] != second["accessKey"]
     assert first["secretKey"] != second["secretKey"]
     text = (CHART / "templates" / "minio-secret.yaml").read_text()
     assert 'lookup "v1" "Secret"' in text  # kept on upgrade: helm template cannot show it
+
+
+# --- TLS: MinIO's certificate ----------------------------------------------------------------
+
+SERVICE_NAMES = [
+    "alliance-minio",
+    f"alliance-minio.{NAMESPACE}",
+    f"alliance-minio.{NAMESPACE}.svc",
+    f"alliance-minio.{NAMESPACE}.svc.cluster.local",
+]
+
+
+def _der(data: bytes, pos: int = 0) -> tuple[int, bytes, int]:
+    """The DER element at ``pos``: (tag, content, position after it)."""
+    tag, length = data[pos], data[pos + 1]
+    pos += 2
+    if length & 0x80:
+        size = length & 0x7F
+        length = int.from_bytes(data[pos : pos + size], "big")
+        pos += size
+    return tag, data[pos : pos + length], pos + length
+
+
+def _der_children(content: bytes):
+    pos = 0
+    while pos < len(content):
+        tag, value, pos = _der(content, pos)
+        yield tag, value
+
+
+def subject_alt_names(pem: str) -> tuple[set[str], set[str]]:
+    """(DNS names, IP addresses) of a PEM certificate's subjectAltName extension."""
+    _, cert, _ = _der(ssl.PEM_cert_to_DER_cert(pem))
+    _, tbs, _ = _der(cert)
+    for tag, value in _der_children(tbs):
+        if tag != 0xA3:  # [3]: the extensions
+            continue
+        _, extensions, _ = _der(value)
+        for _, extension in _der_children(extensions):
+            parts = list(_der_children(extension))
+            if parts[0] == (0x06, bytes.fromhex("551d11")):  # OID 2.5.29.17
+                _, names, _ = _der(parts[-1][1])
+                general = list(_der_children(names))
+                dns = {v.decode() for tag, v in general if tag == 0x82}  # [2] dNSName
+                ips = {str(ipaddress.ip_address(v)) for tag, v in general if tag == 0x87}
+                return dns, ips
+    return set(), set()
+
+
+def tls_handshake(secret: dict, server_name: str, tmp_path: Path) -> None:
+    """A TLS handshake between a server with the Secret's tls.crt/tls.key and a client that
+    trusts only its ca.crt and checks ``server_name``, as a member does; raises ssl.SSLError
+    when the client refuses."""
+    files = {}
+    for key, value in secret["data"].items():
+        files[key] = tmp_path / key
+        files[key].write_bytes(base64.b64decode(value))
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(files["tls.crt"], files["tls.key"])
+    client_ctx = ssl.create_default_context(cafile=str(files["ca.crt"]))
+    left, right = socket.socketpair()
+    with left, right, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        left.settimeout(10)
+        right.settimeout(10)
+        server = pool.submit(server_ctx.wrap_socket, left, server_side=True)
+        try:
+            client_ctx.wrap_socket(right, server_hostname=server_name).close()
+        finally:
+            right.close()  # the server sees the end of the handshake either way
+            with contextlib.suppress(ssl.SSLError, OSError):
+                server.result(timeout=10).close()
+
+
+@pytest.mark.parametrize("scenario", ["defaults", "remote-members"])
+def test_generated_certificate_names_the_service_and_the_extra_sans(scenario, rendered, tmp_path):
+    _, objs = rendered[scenario]
+    secret = one(objs, "Secret", "alliance-minio-tls")
+    assert secret["type"] == "kubernetes.io/tls"
+    assert set(secret["data"]) == {"tls.crt", "tls.key", "ca.crt"}
+    extra = SCENARIOS[scenario].get("minio", {}).get("tls", {}).get("extraSANs", [])
+    dns, ips = subject_alt_names(base64.b64decode(secret["data"]["tls.crt"]).decode())
+    assert dns == set(SERVICE_NAMES) | {n for n in extra if not n[0].isdigit() and ":" not in n}
+    assert ips == {str(ipaddress.ip_address(n)) for n in extra if n[0].isdigit() or ":" in n}
+    annotations = secret["metadata"]["annotations"]
+    assert annotations["alliance.dev/tls-sans"] == ",".join(
+        SERVICE_NAMES + [n for n in extra if n not in ips] + [n for n in extra if n in ips]
+    )
+    # A member trusting only ca.crt accepts the store under each of its names, and no other.
+    for name in [*SERVICE_NAMES, *extra]:
+        tls_handshake(secret, name, tmp_path)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        tls_handshake(secret, "s3.attacker.example", tmp_path)
+
+
+def test_generated_certificate_differs_on_each_install(tmp_path):
+    path = values_file(tmp_path, "defaults", {})
+    first, second = (
+        one(docs(template(path).stdout), "Secret", "alliance-minio-tls")["data"] for _ in range(2)
+    )
+    assert all(first[k] != second[k] for k in first)
+    text = (CHART / "templates" / "minio-tls.yaml").read_text()
+    assert 'lookup "v1" "Secret"' in text  # kept on upgrade: see the test with the server below
+
+
+def test_minio_serves_https_with_the_certificate(rendered):
+    _, objs = rendered["defaults"]
+    spec = one(objs, "StatefulSet")["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    certs_dir = c["args"][c["args"].index("--certs-dir") + 1]
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == certs_dir]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "alliance-minio-tls"
+    assert volume["secret"]["defaultMode"] == 0o440  # readable by MinIO's group (fsGroup) only
+    items = {i["key"]: i["path"] for i in volume["secret"]["items"]}
+    assert items == {"tls.crt": "public.crt", "tls.key": "private.key", "ca.crt": "CAs/ca.crt"}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"]["scheme"] == "HTTPS", probe
+
+
+def test_cert_manager_issues_the_certificate(rendered):
+    _, objs = rendered["cert-manager"]
+    assert not find(objs, "Secret", "alliance-minio-tls")  # cert-manager writes it
+    cert = one(objs, "Certificate", "alliance-minio-tls")
+    assert cert["apiVersion"] == "cert-manager.io/v1"
+    spec = cert["spec"]
+    # cert-manager.io/v1 Certificate fields (no schema offline: checked by name here).
+    assert set(spec) <= {
+        "secretName", "secretTemplate", "commonName", "dnsNames", "ipAddresses", "usages",
+        "privateKey", "issuerRef", "duration", "renewBefore",
+    }  # fmt: skip
+    assert spec["secretName"] == "alliance-minio-tls"
+    assert spec["secretTemplate"]["annotations"] == {"alliance.dev/alliances": "mnist"}
+    assert spec["dnsNames"] == [*SERVICE_NAMES, "s3.alliance.example"]
+    assert spec["ipAddresses"] == ["198.51.100.7"]
+    assert spec["commonName"] == SERVICE_NAMES[0]
+    assert "server auth" in spec["usages"]
+    assert spec["issuerRef"] == {
+        "name": "alliance-ca", "kind": "ClusterIssuer", "group": "cert-manager.io",
+    }  # fmt: skip
+    # Everything else as with a generated certificate: the same Secret.
+    store = one(objs, "Alliance")["spec"]["store"]
+    assert store["caSecret"] == {"name": "alliance-minio-tls", "key": "ca.crt"}
+    (c,) = one(objs, "StatefulSet")["spec"]["template"]["spec"]["containers"]
+    assert "--certs-dir" in c["args"]
+    volumes = one(objs, "StatefulSet")["spec"]["template"]["spec"]["volumes"]
+    assert "alliance-minio-tls" in [v.get("secret", {}).get("secretName") for v in volumes]
 
 
 # --- network policies ------------------------------------------------------------------------
@@ -829,6 +1069,76 @@ def test_network_policies_follow_the_watched_namespaces(rendered):
     assert members_peer["namespaceSelector"]["matchExpressions"] == [
         {"key": "kubernetes.io/metadata.name", "operator": "In", "values": watched}
     ]
+
+
+def test_remote_members_reach_minio(rendered):
+    _, objs = rendered["remote-members"]
+    values = SCENARIOS["remote-members"]
+    service = one(objs, "Service", "alliance-minio")["spec"]
+    assert service["type"] == "NodePort" and service["externalTrafficPolicy"] == "Local"
+    assert service["ports"][0]["nodePort"] == 30900
+    store = one(objs, "Alliance")["spec"]["store"]
+    assert store["remoteEndpoint"] == values["alliance"]["remoteEndpoint"]
+    assert store["endpoint"] == f"https://alliance-minio.{NAMESPACE}.svc:9000"  # in the cluster
+    minio = one(objs, "NetworkPolicy", "alliance-minio")["spec"]
+    in_cluster, remote = minio["ingress"]
+    assert len(in_cluster["from"]) == 3  # as by default
+    assert remote == {
+        "from": values["networkPolicy"]["remoteMembersFrom"],
+        "ports": [{"port": 9000, "protocol": "TCP"}],
+    }
+    # A LoadBalancer too, with the node port left to Kubernetes.
+    _, objs = rendered["cert-manager"]
+    service = one(objs, "Service", "alliance-minio")["spec"]
+    assert service["type"] == "LoadBalancer" and "nodePort" not in service["ports"][0]
+
+
+def test_operator_network_policy(rendered, tmp_path):
+    for scenario in ("defaults", "remote-members", "external-s3", "watched-namespaces"):
+        _, objs = rendered[scenario]
+        (policy,) = [
+            p for p in find(objs, "NetworkPolicy", "alliance-operator")
+            if p["metadata"]["namespace"] == NAMESPACE
+        ]  # fmt: skip
+        spec = policy["spec"]
+        assert spec["policyTypes"] == ["Ingress", "Egress"]
+        operator_labels = one(objs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+        assert selector_matches(spec["podSelector"], operator_labels)
+        others = [labels for where, labels, _ in pod_specs(objs) if not where.startswith("Deploy")]
+        for labels in [*others, *(p["metadata"]["labels"] for p in member_pods())]:
+            assert not selector_matches(spec["podSelector"], labels), labels
+        # Only its probe and metrics ports accept connections.
+        assert spec["ingress"] == [
+            {"ports": [{"port": 8080, "protocol": "TCP"}]},
+            {"ports": [{"port": 9090, "protocol": "TCP"}]},
+        ], scenario
+        api, store, dns = spec["egress"]
+        cidrs = SCENARIOS[scenario].get("networkPolicy", {}).get("apiServer", {}).get("cidrs")
+        ports = SCENARIOS[scenario].get("networkPolicy", {}).get("apiServer", {}).get("ports")
+        assert [p["port"] for p in api["ports"]] == (ports or [443, 6443]), scenario
+        if cidrs:
+            assert api["to"] == [{"ipBlock": {"cidr": c}} for c in cidrs]
+        else:
+            assert "to" not in api  # the API server's address is the cluster's own
+        if scenario == "external-s3":
+            assert store["ports"] == [{"port": 8443, "protocol": "TCP"}]
+            assert [peer["ipBlock"]["cidr"] for peer in store["to"]] == [
+                "203.0.113.0/24", "2001:db8::/32",
+            ]  # fmt: skip
+        else:
+            (peer,) = store["to"]
+            minio_labels = one(objs, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
+            assert selector_matches(peer["podSelector"], minio_labels)
+            assert store["ports"] == [{"port": 9000, "protocol": "TCP"}]
+        assert sorted(p["protocol"] for p in dns["ports"]) == ["TCP", "UDP"]
+        members = find(objs, "NetworkPolicy", "alliance-members")[0]["spec"]
+        assert dns["to"] and dns["to"] == members["egress"][1]["to"]  # networkPolicy.dnsPeers
+    # Who may scrape: networkPolicy.metricsFrom, as for the members.
+    peers = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    values = {"networkPolicy": {"metricsFrom": peers}}
+    objs = docs(template(values_file(tmp_path, "metrics-from", values)).stdout)
+    ingress = one(objs, "NetworkPolicy", "alliance-operator")["spec"]["ingress"]
+    assert ingress[1]["from"] == peers and "from" not in ingress[0]
 
 
 def test_network_policies_can_be_turned_off(tmp_path):
@@ -938,12 +1248,22 @@ def test_helm_test_pod(rendered):
         assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
         (c,) = pod["spec"]["containers"]
         assert c["command"][:2] == ["python", "-c"]
-        code, store, mode, metrics = c["command"][2:]
+        code, store, mode, metrics, cafile = c["command"][2:]
         compile(code, "helm-test", "exec")  # valid Python
         assert metrics == f"http://alliance-operator-metrics.{NAMESPACE}.svc:9090/metrics"
-        assert store == one(objs, "Alliance")["spec"]["store"]["endpoint"]
+        alliance_store = one(objs, "Alliance")["spec"]["store"]
+        assert store == alliance_store["endpoint"] and store.startswith("https://")
         assert mode == ("minio" if scenario == "defaults" else "external")
         assert "/minio/health/live" in code
+        # The store is verified with the Alliance's CA, and only the CA is mounted.
+        assert "ssl.create_default_context(cafile=" in code and "context=context" in code
+        ca = alliance_store["caSecret"]
+        (mount,) = [m for m in c["volumeMounts"] if m["name"] == "ca"]
+        assert cafile == f"{mount['mountPath']}/{ca['key']}" and mount["readOnly"] is True
+        (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == "ca"]
+        assert volume["secret"] == {
+            "secretName": ca["name"], "items": [{"key": ca["key"], "path": ca["key"]}],
+        }  # fmt: skip
         assert pod["spec"]["restartPolicy"] == "Never"
         # Deleted after the run whatever its outcome (and before the next one).
         policy = pod["metadata"]["annotations"]["helm.sh/hook-delete-policy"].split(",")
@@ -1041,15 +1361,16 @@ def _kubectl(kubeconfig: Path, *args: str, input: str | None = None) -> str:
     return result.stdout
 
 
-def _monitoring_crd(kind: str) -> dict:
-    """A stand-in for a Prometheus Operator CRD, so that helm finds the kind (schema-less)."""
+def _stand_in_crd(kind: str, group: str = "monitoring.coreos.com") -> dict:
+    """A stand-in for a CRD of the Prometheus Operator (or cert-manager), so that helm finds the
+    kind (schema-less)."""
     plural = kind.lower() + "s"
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{plural}.monitoring.coreos.com"},
+        "metadata": {"name": f"{plural}.{group}"},
         "spec": {
-            "group": "monitoring.coreos.com",
+            "group": group,
             "scope": "Namespaced",
             "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
             "versions": [
@@ -1103,10 +1424,38 @@ def test_generated_credentials_are_kept_on_upgrade(kubeconfig, tmp_path):
     assert one(docs(release["manifest"]), "Secret", "alliance-minio")["data"] == existing
 
 
+def test_generated_certificate_is_kept_on_upgrade(rendered, kubeconfig, tmp_path):
+    """MinIO's certificate and CA come from the existing Secret (lookup): the members' trust
+    outlives upgrades. An upgrade asking for other names fails and says what to do."""
+    _kubectl(kubeconfig, "create", "namespace", NAMESPACE)
+    _kubectl(kubeconfig, "apply", "-f", str(ROOT / "crds"))
+    installed = one(rendered["defaults"][1], "Secret", "alliance-minio-tls")
+    installed["metadata"]["annotations"].update({
+        "meta.helm.sh/release-name": RELEASE, "meta.helm.sh/release-namespace": NAMESPACE,
+    })  # fmt: skip
+    _kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(installed))
+    release = _dry_run_install(kubeconfig, values_file(tmp_path, "defaults", {}))
+    kept = one(docs(release["manifest"]), "Secret", "alliance-minio-tls")
+    assert kept["data"] == installed["data"]
+    assert kept["metadata"]["annotations"]["alliance.dev/alliances"] == "mnist"
+    # New names would need a new certificate: refused rather than silently kept.
+    values = values_file(
+        tmp_path, "more-sans", {"minio": {"tls": {"extraSANs": ["s3.new.example"]}}}
+    )
+    result = helm(
+        "--kubeconfig", str(kubeconfig), "install", RELEASE, str(CHART), "--namespace", NAMESPACE,
+        "-f", str(values), "--dry-run=server", "--disable-openapi-validation", check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "minio.tls.extraSANs changed" in result.stderr, result.stderr
+    assert f"kubectl -n {NAMESPACE} delete secret alliance-minio-tls" in result.stderr
+
+
 def test_notes_render_in_every_scenario(kubeconfig, tmp_path):
     _kubectl(kubeconfig, "create", "namespace", NAMESPACE)
     _kubectl(kubeconfig, "apply", "-f", str(ROOT / "crds"))
-    crds = [_monitoring_crd("ServiceMonitor"), _monitoring_crd("PodMonitor")]
+    crds = [_stand_in_crd("ServiceMonitor"), _stand_in_crd("PodMonitor"),
+            _stand_in_crd("Certificate", "cert-manager.io")]  # fmt: skip
     _kubectl(kubeconfig, "apply", "-f", "-", input=yaml.safe_dump_all(crds))
     for name, values in SCENARIOS.items():
         notes = _dry_run_install(kubeconfig, values_file(tmp_path, name, values))["info"]["notes"]
@@ -1115,6 +1464,25 @@ def test_notes_render_in_every_scenario(kubeconfig, tmp_path):
         assert "{{" not in notes and "<no value>" not in notes, name
         endpoint = "https://s3.example.org:8443" if name == "external-s3" else "alliance-minio"
         assert endpoint in notes, name
+        # A Secret of the user's: the operator uses it only once annotated (the exact command).
+        user_secret = {"external-s3": "s3-keys", "custom-images-resources": "my-minio-root"}
+        if name in user_secret:
+            alliance = values.get("alliance", {}).get("name", "mnist")
+            store = "https://s3.example.org:8443" if name == "external-s3" else (
+                f"https://alliance-minio.{NAMESPACE}.svc:9000"
+            )  # fmt: skip
+            assert (
+                f"kubectl -n {NAMESPACE} annotate secret {user_secret[name]} --overwrite \\\n"
+                f"    alliance.dev/alliances={alliance} alliance.dev/store-endpoint={store}\n"
+            ) in notes, notes
+        else:
+            assert "annotate secret" not in notes, name
+        if name == "external-s3":
+            assert (f"kubectl -n {NAMESPACE} annotate secret s3-ca --overwrite "
+                    "alliance.dev/alliances=mnist") in notes  # fmt: skip
+        if name == "remote-members":
+            assert "members outside the cluster may reach it" in notes
+            assert "https://s3.alliance.example:30900" in notes
 
 
 # --- the default rendering on the test API server, and the operator it starts ---------------
@@ -1352,6 +1720,7 @@ OPERATOR_DEPLOYMENT = f"{RELEASE}-operator"
 #: Left in the namespace after ``helm uninstall`` on purpose (docs/operations.md, section 5):
 KEPT = {
     "Secret/alliance-minio",  # MinIO's keys: helm.sh/resource-policy keep, like its data claim
+    "Secret/alliance-minio-tls",  # its certificate and CA, which members trust: kept likewise
     "ServiceAccount/default",  # the namespace's own
 }
 #: MinIO's data claim stays too, but no StatefulSet controller runs here to create it.
@@ -1444,15 +1813,35 @@ def test_install_test_and_uninstall_leave_only_what_is_kept(kubeconfig, tmp_path
         "metadata": {"name": "hospital-a"},
         "spec": {"alliance": "mnist", "dataVolumeClaim": "hospital-a-data"},
     }
+    user_claim = {  # the member's data, marked for it by its owner
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {
+            "name": "hospital-a-data",
+            "annotations": {"alliance.dev/member": "hospital-a"},
+        },
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
     with _kubelet(kubeconfig, tmp_path) as kubelet:
         _run_operator_pod(kubeconfig, operator_pod)
         _operator_holds_the_alliance(kubeconfig, kubelet, operator_pod)
-        # A user's Member (the operator gives it its agent pod) and TrainingRun: not the chart's.
-        _kubectl(kubeconfig, "apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(user_member))
+        # A user's claim, Member and TrainingRun: not the chart's. The operator reads the claim
+        # (its mark); the Member's own store keys, and so its agent pod, need the store, which
+        # does not run here.
+        for obj in (user_claim, user_member):
+            _kubectl(kubeconfig, "apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(obj))
         _kubectl(
             kubeconfig, "apply", "-n", NAMESPACE, "-f", str(ROOT / "examples/trainingrun.yaml")
         )
-        _wait(lambda: "hospital-a-agent" in _names(kubeconfig, "pods"), 30, "the member's pod")
+
+        def member_conditions():
+            status = _get_json(kubeconfig, "member", "hospital-a").get("status") or {}
+            conds = {c["type"]: c["status"] for c in status.get("conditions") or []}
+            return conds if "ClaimAllowed" in conds and "CredentialsReady" in conds else None
+
+        conds = _wait(member_conditions, 30, "the Member's conditions",
+                      lambda: kubelet.logs(NAMESPACE, operator_pod)[-3000:])  # fmt: skip
+        assert conds["ClaimAllowed"] == "True" and conds["CredentialsReady"] == "False", conds
 
         # No MinIO runs here, and its in-cluster name does not resolve: the check would fail
         # after its 30 tries (a minute). Once it has tried, it is ended as it would end: exit > 0.
@@ -1471,15 +1860,18 @@ def test_install_test_and_uninstall_leave_only_what_is_kept(kubeconfig, tmp_path
         assert TEST_POD not in _names(kubeconfig, "pods")  # hook-failed
 
         result = _helm_on(kubeconfig, "uninstall", RELEASE)
-        assert "These resources were kept due to the resource policy:\n[Secret] alliance-minio" in (
-            result.stdout
-        )
+        kept = result.stdout.split("These resources were kept due to the resource policy:\n")[1]
+        assert set(kept.splitlines()[:2]) == {
+            "[Secret] alliance-minio", "[Secret] alliance-minio-tls",
+        }, result.stdout  # fmt: skip
         hook_log = kubelet.logs(NAMESPACE, HOOK)
         assert f"deleting Alliance {NAMESPACE}/mnist" in hook_log and "gone after" in hook_log
         # The operator's pod went with its Deployment, after the hook.
         kubelet.wait_for(lambda: kubelet.pid(NAMESPACE, operator_pod) is None, 20)
 
-    user_objects = {"Member/hospital-a", "Pod/hospital-a-agent", "TrainingRun/mnist-fedavg"}
+    user_objects = {
+        "PersistentVolumeClaim/hospital-a-data", "Member/hospital-a", "TrainingRun/mnist-fedavg",
+    }  # fmt: skip
     assert _namespace_content(kubeconfig) == KEPT | user_objects
     assert _release_cluster_objects(kubeconfig) == set()  # the ClusterRole and its binding
     crds = json.loads(_kubectl(kubeconfig, "get", "crds", "-o", "json"))["items"]
@@ -1489,8 +1881,7 @@ def test_install_test_and_uninstall_leave_only_what_is_kept(kubeconfig, tmp_path
     assert RELEASE not in _helm_on(kubeconfig, "list", "--all", "-q").stdout.split()
 
     # The user's resources are untouched and keep the operator's finalizer: with the operator
-    # gone, deleting them waits for ever; clearing the finalizer ends it (docs/operations.md),
-    # and garbage collection removes the member's pod.
+    # gone, deleting them waits for ever; clearing the finalizer ends it (docs/operations.md).
     for kind, name in (("member", "hospital-a"), ("trainingrun", "mnist-fedavg")):
         obj = _get_json(kubeconfig, kind, name)
         assert obj["metadata"]["finalizers"] == [FINALIZER], kind
@@ -1501,6 +1892,7 @@ def test_install_test_and_uninstall_leave_only_what_is_kept(kubeconfig, tmp_path
     for kind, name in (("member", "hospital-a"), ("trainingrun", "mnist-fedavg")):
         _kubectl(kubeconfig, "patch", kind, name, "-n", NAMESPACE, "--type=merge",
                  "-p", NO_FINALIZERS)  # fmt: skip
+    _kubectl(kubeconfig, "delete", "-n", NAMESPACE, "pvc", "hospital-a-data")
     _wait(lambda: _namespace_content(kubeconfig) == KEPT, 20, "the user's objects to go",
           lambda: str(_namespace_content(kubeconfig)))  # fmt: skip
 

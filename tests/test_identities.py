@@ -175,3 +175,52 @@ def test_the_store_over_tls_is_verified_with_the_given_ca(tls_server, tmp_path):
     ca_file.write_text("not a certificate")
     with pytest.raises(StoreError, match="not a PEM certificate"):
         StoreConfig.from_env(env)
+
+
+def test_the_identities_command_creates_bundles_prints_policies_and_removes(store, tmp_path):
+    """`alliance identities`, the admin's command outside Kubernetes, on the real gateway."""
+    import json
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    import yaml
+
+    def cli(*args, env=None):
+        return subprocess.run(
+            [sys.executable, "-m", "alliance", "identities", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, **(env or {})},
+        )
+
+    admin_env = store.config.to_env()
+    done = cli(
+        "create", "member-a", "member-b", "--out", tmp_path, "--alliance", "mnist", env=admin_env
+    )
+    assert done.returncode == 0, done.stderr
+    path = tmp_path / "member-a.bundle.yaml"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    bundle = contract.read_join_bundle(yaml.safe_load(path.read_text()), str(path))
+    assert bundle["member"] == "member-a" and bundle["alliance"] == "mnist"
+    keys = StoreConfig(
+        bundle["endpoint"], bundle["access_key"], bundle["secret_key"], bundle["bucket"]
+    )
+    Store(keys, retry_seconds=5).put_heartbeat("member-a", {"state": "ready"})
+    with pytest.raises(StoreError, match="AccessDenied"):
+        Store(keys, retry_seconds=5).put_heartbeat("member-b", {"state": "ready"})
+    # The policy, for a store without the admin API: the one the users got.
+    printed = cli("policy", "member-a", "--bucket", store.bucket)
+    assert json.loads(printed.stdout) == identities.member_policy(store.bucket, "member-a")
+    # A bundle from keys made by hand.
+    made = cli("bundle", "member-a", "--alliance", "mnist", env=keys.to_env())
+    assert contract.read_join_bundle(yaml.safe_load(made.stdout))["secret_key"] == keys.secret_key
+    assert cli("remove", "member-a", env=admin_env).returncode == 0
+    with pytest.raises(StoreError, match="InvalidAccessKeyId"):
+        Store(keys, retry_seconds=5).put_heartbeat("member-a", {"state": "ready"})
+    # No admin keys: one clear line, no traceback.
+    failed = cli("create", "member-c", "--out", tmp_path, env={"ALLIANCE_S3_ENDPOINT": ""})
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert "not configured" in failed.stderr

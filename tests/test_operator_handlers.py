@@ -1625,3 +1625,33 @@ def test_a_remote_member_gets_a_join_bundle_and_no_pod(op, cluster, events, s3_s
     op.reconcile("Member", MEMBER)
     assert op.condition("Member", MEMBER, "Ready") == ("True", "Ready")
     assert op.status("Member", MEMBER)["trainRows"] == 600
+
+
+def test_provided_member_keys_are_only_checked_and_used(op, cluster, s3_server, bucket, s3):
+    """memberKeys: Provided (an S3 service without MinIO's admin API): the store's admin made
+    the user and the Secret; the operator makes none, and uses the Secret once it is marked."""
+    from alliance import identities
+
+    good_secret(cluster, s3_server)
+    s3.ensure_bucket()
+    spec = alliance_spec(s3_server, bucket, store_extra={"memberKeys": "Provided"})
+    cluster.apply("Alliance", "mnist", spec)
+    cluster.apply("Member", MEMBER, member_spec())
+    op.reconcile("Member", MEMBER)
+    assert op.condition("Member", MEMBER, "CredentialsReady") == ("False", "SecretNotFound")
+    assert "alliance identities policy" in op.conditions("Member", MEMBER)["Ready"]["message"]
+    assert cluster.pod(POD) is None and not identities.exists(s3.config, MEMBER)
+    (keys,) = identities.provision(s3.config, [MEMBER]).values()  # the admin, by hand
+    data = {"accessKey": keys.access_key, "secretKey": keys.secret_key}
+    cluster.secrets[(NS, f"{MEMBER}-store")] = secret(f"{MEMBER}-store", data)
+    op.reconcile("Member", MEMBER)
+    assert op.condition("Member", MEMBER, "CredentialsReady") == ("False", "SecretNotMarked")
+    cluster.secrets[(NS, f"{MEMBER}-store")]["metadata"]["annotations"] = {
+        ANNOTATION_CLAIM_MEMBER: MEMBER
+    }
+    op.reconcile("Member", MEMBER)
+    assert op.condition("Member", MEMBER, "CredentialsReady") == ("True", "Issued")
+    assert cluster.secrets[(NS, f"{MEMBER}-store")]["data"] == data  # untouched
+    assert cluster.pod(POD) is not None
+    member_handler.deleted(op.ctx, cluster.get("Member", MEMBER), LOG)
+    assert identities.exists(s3.config, MEMBER)  # the admin's to remove

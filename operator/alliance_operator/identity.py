@@ -2,6 +2,9 @@
 Secret ``<member>-store`` holding its keys, which its pod (or, for a remote member, its join
 bundle) gets. Members never see the Alliance's admin keys.
 
+With the Alliance's ``spec.store.memberKeys: Provided`` (an S3 service without MinIO's admin
+API) the store's admin makes the users and the Secrets; the operator only checks them.
+
 Made when missing; made again, with a new key, when the Member's annotation
 ``alliance.dev/rotate-credentials`` takes a new value, when the store lost the user, or when
 the CA or a remote member's endpoint changed. Every pass also deletes service accounts the
@@ -17,7 +20,11 @@ import kopf
 from alliance import contract, identities
 from alliance.store import StoreConfig, StoreError
 from alliance_operator import k8s
-from alliance_operator.constants import ANNOTATION_ROTATE, ANNOTATION_ROTATED
+from alliance_operator.constants import (
+    ANNOTATION_CLAIM_MEMBER,
+    ANNOTATION_ROTATE,
+    ANNOTATION_ROTATED,
+)
 from alliance_operator.resources.secrets import (
     BUNDLE_KEY,
     credentials_digest,
@@ -57,6 +64,46 @@ def ensure(body: dict, alliance: dict, admin: StoreConfig) -> Credentials:
         identities.check_name(name)
     except StoreError as exc:
         raise IdentityError("InvalidName", f"metadata.name: {exc}") from None
+    if generated(alliance):
+        return _generated(body, alliance, admin)
+    return _provided(namespace, name)
+
+
+def generated(alliance: dict) -> bool:
+    """Whether the operator makes the members' keys (else the store's admin provides them)."""
+    return alliance["spec"]["store"].get("memberKeys", "Generated") == "Generated"
+
+
+def _provided(namespace: str, member: str) -> Credentials:
+    """Keys the store's admin made (an S3 service without MinIO's admin API): only checked."""
+    secret_name = member_secret_name(member)
+    secret = k8s.get_secret(namespace, secret_name)
+    where = f'spec.store.memberKeys is Provided: Secret "{secret_name}"'
+    if secret is None:
+        raise IdentityError(
+            "SecretNotFound",
+            f"{where} not found: the store's admin makes the member's user with the policy "
+            f"of `alliance identities policy --bucket BUCKET {member}` and puts its keys there",
+        )
+    annotations = secret["metadata"].get("annotations") or {}
+    if annotations.get(ANNOTATION_CLAIM_MEMBER) != member:
+        raise IdentityError(
+            "SecretNotMarked", f"{where} is not marked {ANNOTATION_CLAIM_MEMBER}={member}"
+        )
+    data = secret["data"]
+    for key in (contract.SECRET_ACCESS_KEY, contract.SECRET_SECRET_KEY):
+        if not data.get(key):
+            raise IdentityError("SecretKeyMissing", f'{where} has no key "{key}"')
+    ca = data.get(contract.SECRET_CA_CERT, "")
+    keys = StoreConfig(
+        "", data[contract.SECRET_ACCESS_KEY], data[contract.SECRET_SECRET_KEY], "", ca
+    )
+    return Credentials(secret_name, credentials_digest(keys), bool(ca))
+
+
+def _generated(body: dict, alliance: dict, admin: StoreConfig) -> Credentials:
+    meta = body["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
     secret_name = member_secret_name(name)
     rotation = (meta.get("annotations") or {}).get(ANNOTATION_ROTATE, "")
     endpoint = bundle_endpoint(body, alliance)

@@ -78,10 +78,39 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
+{{/* "true" when the chart's MinIO serves https. */}}
+{{- define "alliance.minio.tls" -}}
+{{- if and .Values.minio.enabled .Values.minio.tls.enabled }}true{{ end }}
+{{- end }}
+
+{{/* The Secret holding MinIO's certificate (tls.crt, tls.key, ca.crt). */}}
+{{- define "alliance.minio.tlsSecretName" -}}
+{{- printf "%s-tls" (include "alliance.minio.fullname" .) }}
+{{- end }}
+
+{{/*
+The names MinIO's certificate is valid for, as JSON {"dns": [...], "ips": [...]}: the Service's
+in-cluster names, then minio.tls.extraSANs (those written as IP addresses go to "ips").
+*/}}
+{{- define "alliance.minio.sans" -}}
+{{- $svc := include "alliance.minio.fullname" . }}
+{{- $ns := .Release.Namespace }}
+{{- $dns := list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns) }}
+{{- $ips := list }}
+{{- range .Values.minio.tls.extraSANs }}
+{{- if or (regexMatch "^[0-9]{1,3}(\\.[0-9]{1,3}){3}$" .) (contains ":" .) }}
+{{- $ips = append $ips . }}
+{{- else }}
+{{- $dns = append $dns . }}
+{{- end }}
+{{- end }}
+{{- dict "dns" ($dns | uniq) "ips" ($ips | uniq) | toJson }}
+{{- end }}
+
 {{/* The store as the Alliance, the test pod and the NetworkPolicies see it. */}}
 {{- define "alliance.store.endpoint" -}}
 {{- if .Values.minio.enabled }}
-{{- printf "http://%s.%s.svc:9000" (include "alliance.minio.fullname" .) .Release.Namespace }}
+{{- printf "%s://%s.%s.svc:9000" (ternary "https" "http" .Values.minio.tls.enabled) (include "alliance.minio.fullname" .) .Release.Namespace }}
 {{- else }}
 {{- .Values.externalStore.endpoint | trimSuffix "/" }}
 {{- end }}
@@ -92,6 +121,16 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default (include "alliance.minio.fullname" .) .Values.minio.auth.existingSecret }}
 {{- else }}
 {{- .Values.externalStore.existingSecret }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret and key of the store's CA, as JSON {"name", "key"}; {}: none (the system's CAs). */}}
+{{- define "alliance.store.caSecret" -}}
+{{- if include "alliance.minio.tls" . }}
+{{- dict "name" (include "alliance.minio.tlsSecretName" .) "key" "ca.crt" | toJson }}
+{{- else if and (not .Values.minio.enabled) .Values.externalStore.caSecret.name }}
+{{- pick .Values.externalStore.caSecret "name" "key" | toJson }}
+{{- else }}{}
 {{- end }}
 {{- end }}
 
@@ -124,7 +163,7 @@ saying what to change.
 */}}
 {{- define "alliance.validate" -}}
 {{- if .Values.minio.enabled }}
-{{- if or .Values.externalStore.endpoint .Values.externalStore.existingSecret }}
+{{- if or .Values.externalStore.endpoint .Values.externalStore.existingSecret .Values.externalStore.caSecret.name }}
 {{- fail "externalStore is set while minio.enabled is true: set minio.enabled=false to use the external store, or clear externalStore" }}
 {{- end }}
 {{- else }}
@@ -137,6 +176,12 @@ saying what to change.
 {{- if .Values.minio.auth.existingSecret }}
 {{- fail "minio.auth.existingSecret is set while minio.enabled is false: name the external store's Secret in externalStore.existingSecret" }}
 {{- end }}
+{{- end }}
+{{- if and .Values.minio.tls.certManager.issuerRef.name (not .Values.minio.tls.enabled) }}
+{{- fail "minio.tls.certManager.issuerRef.name is set while minio.tls.enabled is false: enable TLS, or clear the issuer" }}
+{{- end }}
+{{- if and .Values.minio.service.nodePort (eq .Values.minio.service.type "ClusterIP") }}
+{{- fail "minio.service.nodePort is set while minio.service.type is ClusterIP: set the type to NodePort or LoadBalancer" }}
 {{- end }}
 {{- if and .Values.alliance.create (not (include "alliance.watchAll" .)) (not (has .Release.Namespace .Values.operator.watchNamespaces)) }}
 {{- fail (printf "alliance.create puts the Alliance in the release namespace %q, which operator.watchNamespaces does not list: add it, or set alliance.create=false" .Release.Namespace) }}

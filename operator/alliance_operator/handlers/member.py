@@ -288,6 +288,8 @@ def deleted(ctx: Context, body: dict, logger) -> None:
     if alliance is None:
         logger.warning("its Alliance is gone: the member's store user stays")
         return
+    if not identity.generated(alliance):
+        return  # the store's admin made the user, and removes it
     try:
         identities.remove(ctx.stores.admin_config(meta["namespace"], alliance), meta["name"])
     except StoreUnavailable as exc:

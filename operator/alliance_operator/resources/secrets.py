@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 
-import yaml
-
-from alliance import contract
+from alliance import contract, identities
 from alliance.store import StoreConfig
 from alliance_operator.constants import ANNOTATION_ROTATED
 from alliance_operator.resources.pods import labels, short_name
@@ -28,25 +26,6 @@ def credentials_digest(keys: StoreConfig) -> str:
     """A short digest of the keys (and CA): a member pod records which keys it got."""
     text = "\n".join((keys.access_key, keys.secret_key, keys.ca_cert))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def bundle_yaml(alliance: str, member: str, keys: StoreConfig, endpoint: str) -> str:
-    bundle = contract.join_bundle(
-        alliance=alliance,
-        member=member,
-        endpoint=endpoint,
-        bucket=keys.bucket,
-        access_key=keys.access_key,
-        secret_key=keys.secret_key,
-        ca_cert=keys.ca_cert,
-    )
-    header = (
-        f"# Join bundle of member {member} of alliance {alliance}. It holds the member's own\n"
-        "# store keys: hand it over privately. Use it with\n"
-        "#   alliance member --join bundle.yaml --data-dir DIR\n"
-        "# or: helm install <name> charts/alliance-member -f bundle.yaml\n"
-    )
-    return header + yaml.safe_dump(bundle, sort_keys=False, default_flow_style=False)
 
 
 def member_secret(
@@ -66,7 +45,7 @@ def member_secret(
     if keys.ca_cert:
         data[contract.SECRET_CA_CERT] = keys.ca_cert
     if bundle_endpoint:
-        data[BUNDLE_KEY] = bundle_yaml(alliance, member, keys, bundle_endpoint)
+        data[BUNDLE_KEY] = identities.bundle_yaml(alliance, member, keys, bundle_endpoint)
     return {
         "apiVersion": "v1",
         "kind": "Secret",
