@@ -1655,3 +1655,48 @@ def test_provided_member_keys_are_only_checked_and_used(op, cluster, s3_server, 
     assert cluster.pod(POD) is not None
     member_handler.deleted(op.ctx, cluster.get("Member", MEMBER), LOG)
     assert identities.exists(s3.config, MEMBER)  # the admin's to remove
+
+
+@pytest.fixture(scope="module")
+def tls_store(tmp_path_factory):
+    """The gateway serving https with a certificate of a CA of its own."""
+    import trustme
+
+    from alliance.s3server import TLS, S3Server
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    tls = TLS(
+        cert_chain="".join(p.bytes().decode() for p in cert.cert_chain_pems),
+        private_key=cert.private_key_pem.bytes().decode(),
+        ca_cert=ca.cert_pem.bytes().decode(),
+    )
+    with S3Server(tmp_path_factory.mktemp("s3-tls"), tls=tls) as server:
+        yield server
+
+
+def test_an_https_store_is_verified_with_the_alliances_ca_and_members_get_it(
+    op, cluster, tls_store, bucket
+):
+    """spec.store.caSecret: the operator verifies the store with it (and with nothing else),
+    and each member's Secret and pod carry it."""
+    cfg = tls_store.config
+    good_secret(cluster, tls_store)
+    spec = alliance_spec(tls_store, bucket, store_extra={"caSecret": {"name": "store-ca"}})
+    cluster.apply("Alliance", "mnist", spec)
+    op.reconcile("Alliance", "mnist")  # no CA Secret yet
+    assert op.condition("Alliance", "mnist", "StoreReady") == ("False", "SecretNotFound")
+    ca_secret = secret("store-ca", {"ca.crt": cfg.ca_cert}, {ANNOTATION_ALLIANCES: "mnist"})
+    cluster.secrets[(NS, "store-ca")] = ca_secret
+    op.ctx.stores._secrets.clear()  # past the operator's Secret cache
+    op.reconcile("Alliance", "mnist")
+    assert op.condition("Alliance", "mnist", "StoreReady") == ("True", "Connected")
+    cluster.apply("Member", MEMBER, member_spec())
+    op.reconcile("Member", MEMBER)
+    assert op.condition("Member", MEMBER, "CredentialsReady") == ("True", "Issued")
+    data = cluster.secrets[(NS, f"{MEMBER}-store")]["data"]
+    assert data["ca.crt"] == cfg.ca_cert
+    keys = StoreConfig(cfg.endpoint, data["accessKey"], data["secretKey"], bucket, data["ca.crt"])
+    Store(keys, retry_seconds=2).put_heartbeat(MEMBER, {"state": "ready"})
+    env = {e["name"]: e for e in cluster.pod(POD)["spec"]["containers"][0]["env"]}
+    assert env["ALLIANCE_S3_CA_FILE"]["value"].endswith("/ca.crt")
