@@ -15,20 +15,15 @@ import time
 
 import kopf
 
-from alliance import identities, untrusted
+from alliance import identities
 from alliance.store import StoreError
-from alliance_operator import identity, k8s, metrics
-from alliance_operator.constants import ALLIANCES, ANNOTATION_CLAIM_MEMBER, ANNOTATION_SPEC_HASH
+from alliance_operator import claims, heartbeat, identity, k8s, metrics
+from alliance_operator.constants import ALLIANCES, ANNOTATION_SPEC_HASH
 from alliance_operator.context import Context
 from alliance_operator.podstate import PodHealth, pod_state
 from alliance_operator.resources.pods import member_pod, member_pod_name
 from alliance_operator.status import StatusUpdate
 from alliance_operator.stores import StoreUnavailable
-
-#: Of the data warnings in a heartbeat (member-written, untrusted): the most kept, and the
-#: longest each may be (characters).
-MAX_DATA_WARNINGS = 5
-MAX_WARNING_CHARS = 300
 
 
 def reconcile(ctx: Context, body: dict, logger) -> dict:
@@ -48,7 +43,7 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
 
     pod_name = member_pod_name(name)
     remote = bool(spec.get("remote"))
-    refusal = None if remote else _claim_refusal(namespace, name, spec.get("dataVolumeClaim"))
+    refusal = None if remote else claims.refusal(namespace, name, spec.get("dataVolumeClaim"))
     if remote:
         status.drop("ClaimAllowed")
     elif refusal:
@@ -84,11 +79,11 @@ def reconcile(ctx: Context, body: dict, logger) -> dict:
     beat, beat_age = None, None
     try:
         content, written = ctx.stores.for_alliance(namespace, alliance).get_heartbeat(name)
-        beat = _heartbeat(content)
+        beat = heartbeat.read(content)
     except (StoreUnavailable, StoreError) as exc:
         cond("DataReady", None, "StoreUnreachable", f"cannot read the agent's heartbeat: {exc}")
     else:
-        _data_condition(cond, beat)
+        heartbeat.data_condition(cond, beat)
         beat_age = None if written is None else max(0.0, time.time() - written)
     stale = beat_age is not None and beat_age > ctx.config.heartbeat_timeout
 
@@ -186,82 +181,6 @@ def _run_pod(ctx: Context, body: dict, alliance: dict, credentials, pod, state, 
     pod_ok = state.health == PodHealth.RUNNING
     status.set("PodReady", pod_ok, state.reason, f"pod {pod_name}: {state.message}")
     return pod_ok
-
-
-def _claim_refusal(namespace: str, member: str, claim_name: str | None) -> tuple[str, str] | None:
-    """Why the Member may not mount its claim, as (reason, message); None when it may. A claim
-    is a member's only when marked for it: else any Member could read any claim's data."""
-    if not claim_name:
-        return "NoClaim", "spec.dataVolumeClaim: required unless spec.remote is true"
-    claim = k8s.get_claim(namespace, claim_name)
-    if claim is None:
-        return "ClaimNotFound", f'PersistentVolumeClaim "{claim_name}" not found'
-    owner = (claim["metadata"].get("annotations") or {}).get(ANNOTATION_CLAIM_MEMBER)
-    if owner == member:
-        return None
-    if owner:
-        return (
-            "ClaimNotMarked",
-            f'PersistentVolumeClaim "{claim_name}" is marked for Member "{owner}", not this '
-            "one: a claim holds one member's data",
-        )
-    return (
-        "ClaimNotMarked",
-        f'PersistentVolumeClaim "{claim_name}" is not marked for this Member: its owner allows '
-        f"it with `kubectl annotate pvc {claim_name} -n {namespace} "
-        f"{ANNOTATION_CLAIM_MEMBER}={member}`",
-    )
-
-
-def _heartbeat(content) -> dict | None:
-    """The agent's heartbeat as this handler reads it: member-written, so checked as the
-    coordinator checks it (alliance.untrusted); one that is refused reads as invalid data."""
-    if content is None:
-        return None
-    try:
-        checked = untrusted.heartbeat(content)
-    except untrusted.Rejected as exc:
-        return {"state": "invalid", "message": f"the agent's heartbeat is refused: {exc}"}
-    beat = {"state": checked.state, "warnings": content.get("warnings")}
-    if "message" in content:
-        beat["message"] = untrusted.text(content["message"], 4096)
-    if "trainRows" in content:
-        beat.update(trainRows=checked.train_rows, testRows=checked.test_rows)
-    return beat
-
-
-def _data_condition(cond, beat: dict | None) -> None:
-    state = (beat or {}).get("state")
-    if beat is None:
-        cond("DataReady", None, "NoHeartbeat", "the agent has not reported yet")
-    elif state == "invalid":
-        cond("DataReady", False, "InvalidData", beat.get("message") or "the data is invalid")
-    elif state == "ready" or (state == "stopped" and "trainRows" in beat):
-        rows = f"{beat.get('trainRows', 0)} training rows, {beat.get('testRows', 0)} test rows"
-        warnings = _data_warnings(beat.get("warnings"))
-        if warnings:  # valid data that is likely not what was meant (e.g. one label only)
-            label = "warning" if len(warnings) == 1 else "warnings"
-            cond("DataReady", True, "ValidWithWarnings", f"{rows}; {label}: {'; '.join(warnings)}")
-        else:
-            cond("DataReady", True, "Valid", rows)
-    else:
-        cond("DataReady", None, "Validating", "the agent is validating its data")
-
-
-def _data_warnings(value) -> list[str]:
-    """The heartbeat's ``warnings`` when it is a list of strings (else none), bounded: at most
-    MAX_DATA_WARNINGS, each on one line and cut to MAX_WARNING_CHARS."""
-    if not isinstance(value, list):
-        return []
-    value = value[:MAX_DATA_WARNINGS]
-    if not all(isinstance(w, str) for w in value):
-        return []
-    out = []
-    for w in value:
-        w = " ".join(w[: 2 * MAX_WARNING_CHARS].split())
-        if w:
-            out.append(w if len(w) <= MAX_WARNING_CHARS else w[: MAX_WARNING_CHARS - 1] + "…")
-    return out
 
 
 def _finish(status: StatusUpdate) -> dict:
