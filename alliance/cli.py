@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -33,7 +34,7 @@ process; running again with the same --run resumes at the round it stopped in.
 
 EPILOG_MEMBER = """\
 The store and the member's own keys come from a join bundle (--join bundle.yaml: the file the
-alliance's admin hands over, from the Secret <member>-join), or from the environment (no
+alliance's admin hands over: the Secret <member>-store, key bundle.yaml), or from the environment (no
 defaults for credentials):
   ALLIANCE_S3_ENDPOINT    http://host:port or https://host
   ALLIANCE_S3_ACCESS_KEY  ALLIANCE_S3_SECRET_KEY  ALLIANCE_BUCKET
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
+        level=getattr(logging, (args.log_level or "warning").upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if not hasattr(args, "func"):
@@ -102,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"alliance {__version__}")
     parser.add_argument(
-        "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="default: warning (for `member`: info from the agent itself)",
     )
     sub = parser.add_subparsers(metavar="COMMAND")
     # --log-level is accepted after the command too (`alliance member --log-level info`).
@@ -153,7 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="directory with train.csv and test.csv (optionally .gz)",
     )
-    p.add_argument("--schema", type=Path, help="data schema YAML (default: mnist-in-csv)")
+    p.add_argument(
+        "--schema",
+        type=Path,
+        help="data schema YAML (default: ALLIANCE_DATA_SCHEMA, else the one the alliance was "
+        "initialised with, else mnist-in-csv)",
+    )
     p.add_argument(
         "--validator",
         action="store_true",
@@ -210,7 +218,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="the key of a .keras model file already uploaded to the alliance's bucket",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed of the initial weights")
+    p.add_argument(
+        "--schema",
+        type=Path,
+        help="the members' data schema YAML (default: mnist-in-csv): the model must fit it, "
+        "and it is recorded for the members and predict",
+    )
     p.set_defaults(func=cmd_init)
+
+    p = add(
+        "store",
+        help="run the built-in S3 server alone, for member, coordinate and init by hand",
+        description="Start the built-in S3 server (the JuiceFS gateway the embedded runner "
+        "uses) on loopback, with its data and generated keys in DIR, and print the "
+        "ALLIANCE_S3_* lines to export in the shells that run `alliance init`, `member` and "
+        "`coordinate`. Runs until Ctrl-C; started again on the same DIR, it keeps its keys "
+        "and objects.",
+    )
+    p.add_argument(
+        "--dir",
+        type=Path,
+        default=Path("alliance-store"),
+        help="where the objects and keys live (default ./alliance-store)",
+    )
+    p.add_argument("--port", type=int, default=9000, help="loopback port (default 9000)")
+    p.add_argument("--bucket", default="alliance", help="the bucket to create (default alliance)")
+    p.set_defaults(func=cmd_store)
 
     p = add(
         "identities",
@@ -302,7 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--run", help="use this run's final model")
     p.add_argument("--model", help="use this model id (sha256)")
-    p.add_argument("--schema", type=Path, help="data schema YAML (default: mnist-in-csv)")
+    p.add_argument(
+        "--schema",
+        type=Path,
+        help="data schema YAML (default: the one the alliance was initialised with)",
+    )
     p.add_argument("--predict-command", help="your own predict command template")
     p.set_defaults(func=cmd_predict)
     return parser
@@ -373,15 +410,27 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
         default=Path("alliance-work"),
         help="where the store, member data and logs live (default ./alliance-work)",
     )
-    p.add_argument("--model", type=Path, help="a .keras model file (default: the built-in CNN)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        help="a .keras model file that fits the schema (default: the built-in CNN, sized for "
+        "the schema's images); see docs/member-commands.md, 'The model'",
+    )
+    p.add_argument(
+        "--schema",
+        type=Path,
+        help="how the CSV files are laid out (default: mnist-in-csv; see examples/schema.yaml); "
+        "recorded with the alliance, so the members and predict use it too",
+    )
 
 
 # --- commands ---------------------------------------------------------------------------
 
 
-def _schema(path: Path | None):
+def _schema(path: Path | None, default: object = "mnist"):
     """--schema FILE, else ALLIANCE_DATA_SCHEMA (JSON; how the operator passes a Member's
-    spec.dataSchema to its pod), else the default mnist-in-csv schema."""
+    spec.dataSchema to its pod), else ``default``: the mnist-in-csv schema, or None (the
+    alliance's, from alliance.json)."""
     from alliance.data.errors import DataError
     from alliance.data.schema import DataSchema
 
@@ -393,7 +442,7 @@ def _schema(path: Path | None):
             return DataSchema.from_dict(json.loads(inline))
         except json.JSONDecodeError as exc:
             raise DataError("schema", f"{contract.ENV_DATA_SCHEMA} is not JSON: {exc}") from exc
-    return DataSchema()
+    return DataSchema() if default == "mnist" else default
 
 
 def _dataset_files(data_dir: Path) -> tuple[Path, Path | None]:
@@ -474,12 +523,19 @@ def cmd_run(args) -> int:
             train, test = _dataset_files(data_dir)
             progress.say(f"splitting {train.name} among {args.members} members ({args.split})")
             member_dirs = split_dataset(
-                train, test, work / "members", args.members, args.split, args.alpha, seed
+                train,
+                test,
+                work / "members",
+                args.members,
+                args.split,
+                args.alpha,
+                seed,
+                schema=_schema(args.schema),
             )
             marker.write_text(split_key)
         threads = max(1, len(os.sched_getaffinity(0)) // args.members)
         init = init_in_subprocess(
-            alliance.env(threads), work / "logs" / "init.log", args.model, seed
+            alliance.env(threads), work / "logs" / "init.log", args.model, seed, args.schema
         )
         alliance.start_members(member_dirs, threads)
         progress.say(
@@ -488,14 +544,25 @@ def cmd_run(args) -> int:
         )
         (work / "last-run").write_text(run)
         progress.say("waiting for the members to check their data and load TensorFlow")
-        alliance.wait_until_ready(check=lambda: _init_failed(init))
+        problems = alliance.wait_until_ready(check=lambda: _init_failed(init))
+        for name, problem in sorted(problems.items()):
+            progress.say(f"{name}: {problem}")
+
+        def lost() -> set[str]:
+            gone = alliance.supervise() | _init_failed(init)
+            for m in alliance.members:
+                if m.name in gone and m.name not in problems:
+                    problems[m.name] = f"crashed: {m.last_line()}"
+                    progress.say(f"{m.name}: {problems[m.name]}")
+            return gone
+
         status = drive(
             alliance.store,
             run,
             spec,
             StoreSink(alliance.store, run, on_change=progress.update),
             sleeping(),
-            lost=lambda: alliance.supervise() | _init_failed(init),
+            lost=lost,
             members=alliance.names,
         )
         init.wait()
@@ -510,7 +577,9 @@ def _interrupt(*_) -> None:
 
 def _init_failed(init) -> set[str]:
     if init.poll() not in (None, 0):
-        raise ValueError("initialising the alliance failed; see the work dir's logs/init.log")
+        raise ValueError(
+            f"initialising the alliance failed: {init.last_line()} (log: {init.log_path})"
+        )
     return set()
 
 
@@ -559,7 +628,9 @@ class Progress:
             self.last_message = status.message
             self.last_stage = (status.round, status.stage)
 
-    def done(self, status, seconds: float, work: Path) -> None:
+    def done(self, status, seconds: float, work: Path | None) -> None:
+        """The run's end: its outcome, a table of rounds and, when it completed, where its
+        final model is (``work``: the embedded runner's work dir; None: ALLIANCE_S3_*'s)."""
         self._clear()
         print(
             f"\nrun {self.run}: {status.phase} — {status.message} ({seconds:.0f} s)",
@@ -578,12 +649,13 @@ class Progress:
                 f"{r.seconds:>8.1f} {loss:>11} {acc:>9}  {(r.model_id or '-')[:12]}",
                 file=self.stream,
             )
-        if status.model_id:
+        if status.model_id and status.phase == "Completed":
+            where = f"the store under {work / 's3'}" if work else "the store"
+            store_flag = f"--work-dir {work} " if work else ""
             print(
-                f"\nfinal model: models/{status.model_id}.npz in the store under "
-                f"{work / 's3'}\nevery round's model, update and metric: "
-                f"runs/{self.run}/ in the same store\nlabel a CSV with it: alliance predict "
-                f"--work-dir {work} --run {self.run} --input X.csv --output labels.csv",
+                f"\nfinal model: models/{status.model_id}.npz in {where}\nevery round's model, "
+                f"update and metric: runs/{self.run}/ in the same store\nlabel a CSV with it: "
+                f"alliance predict {store_flag}--run {self.run} --input X.csv --output labels.csv",
                 file=self.stream,
             )
         final = status.history[-1].accuracy if status.history else None
@@ -640,13 +712,16 @@ def cmd_member(args) -> int:
         name, store = args.name, _store()
     else:
         raise ValueError("the member's name: give --join BUNDLE (or --name NAME)")
+    if args.log_level is None:
+        # A member's operator sees its agent work: data checked, ready, one line per task.
+        logging.getLogger("alliance.member").setLevel(logging.INFO)
     cache = os.environ.get(contract.ENV_CACHE_DIR)
     agent = Agent(
         store,
         AgentConfig(
             name=name,
             data_dir=args.data_dir,
-            schema=_schema(args.schema),
+            schema=_schema(args.schema, default=None),
             train_command=args.train_command,
             validate_command=args.validate_command,
             cache_dir=Path(cache) if cache else None,
@@ -658,6 +733,26 @@ def cmd_member(args) -> int:
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
     agent.run()
     return 0
+
+
+def cmd_store(args) -> int:
+    from alliance.s3server import S3Server
+    from alliance.store import Store
+
+    server = S3Server(args.dir.resolve(), bucket=args.bucket, port=args.port)
+    signal.signal(signal.SIGTERM, _interrupt)
+    with server:
+        Store(server.config).ensure_bucket()
+        print(f"# the S3 store serves {args.dir.resolve()} at {server.endpoint}; in each shell:")
+        for name, value in server.config.to_env().items():
+            print(f"export {name}={shlex.quote(value)}")
+        print("# Ctrl-C stops it", flush=True)
+        try:
+            while server.process.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            return 0
+    raise ValueError(f"the S3 server exited; see {args.dir.resolve() / 'gateway.log'}")
 
 
 def cmd_identities_create(args) -> int:
@@ -727,6 +822,7 @@ def cmd_coordinate(args) -> int:
     spec = RunSpec.from_dict(_load_spec(args.spec) if args.spec else {})
     store = _store()
     progress = Progress(spec, args.run)
+    started = time.perf_counter()
     signal.signal(signal.SIGTERM, _interrupt)
     sink = StoreSink(store, args.run, on_change=progress.update)
     named = {m.strip() for m in (args.members or "").split(",") if m.strip()}
@@ -742,8 +838,7 @@ def cmd_coordinate(args) -> int:
         heartbeat_timeout=args.heartbeat_timeout,
         members=members,
     )
-    print(json.dumps(status.to_dict()["history"][-1:], indent=1) if status.history else "")
-    print(f"run {args.run}: {status.phase}: {status.message}")
+    progress.done(status, time.perf_counter() - started, None)
     return 0 if status.phase == "Completed" else 1
 
 
@@ -752,7 +847,9 @@ def cmd_init(args) -> int:
     from alliance.model import configure_threads, init_alliance
 
     configure_threads(cpu_threads())
-    manifest = init_alliance(_store(), args.model, args.seed, keras_object=args.keras_object)
+    manifest = init_alliance(
+        _store(), args.model, args.seed, keras_object=args.keras_object, schema=_schema(args.schema)
+    )
     print(f"alliance initialised: seed model {manifest['seedModelId']}")
     return 0
 
@@ -820,11 +917,18 @@ def cmd_predict(args) -> int:
             print(f"wrote {args.output}")
             return 0
         from alliance import model as model_mod
+        from alliance.data.schema import DataSchema
         from alliance.trainers import KerasTrainer
 
-        schema = _schema(args.schema)
+        manifest = store.get_alliance() or {}
+        if not manifest:
+            raise ValueError("this store holds no alliance (alliance.json): nothing to predict")
+        # The schema the alliance was made with, unless --schema (or the variable) says else.
+        recorded = manifest.get("dataSchema")
+        schema = _schema(args.schema, default=None) or DataSchema.from_dict(recorded or {})
         x, truth = read_features_csv(args.input, schema)  # truth: the file's labels, if any
-        keras_model = model_mod.build(store.get_alliance()["model"], store)
+        keras_model = model_mod.build(manifest["model"], store)
+        model_mod.check_fits(keras_model, schema)
         probs = KerasTrainer(keras_model, args.input.parent, schema).predict(arrays, x)
     labels = probs.argmax(axis=1)
     import pandas as pd

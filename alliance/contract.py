@@ -21,9 +21,10 @@ COMMAND = "alliance"
 
 #: The store's URL, http://host:port or https://host. Operator: spec.store; runner: its server.
 ENV_S3_ENDPOINT = "ALLIANCE_S3_ENDPOINT"
-#: The store's access key. Operator: from the Alliance's Secret; runner: its server's.
+#: The store's access key: a member's own (alliance/identities.py). Operator: from the
+#: member's Secret <member>-store (the init pod: the Alliance's); runner: made per member.
 ENV_S3_ACCESS_KEY = "ALLIANCE_S3_ACCESS_KEY"
-#: The store's secret key. Operator: from the Alliance's Secret; runner: its server's.
+#: The store's secret key, with the access key.
 ENV_S3_SECRET_KEY = "ALLIANCE_S3_SECRET_KEY"
 #: The alliance's bucket. Operator: spec.store.bucket; runner: its server's.
 ENV_BUCKET = "ALLIANCE_BUCKET"
@@ -138,9 +139,11 @@ def init_args(
     log_level: str | None = None,
     keras_object: str | None = None,
     model_file: str | Path | None = None,
+    schema_file: str | Path | None = None,
 ) -> list[str]:
     """``alliance init``: create the bucket, the model and its seed weights. The model is the
-    built-in CNN, or a .keras file already in the bucket (``keras_object``), or a local one."""
+    built-in CNN, or a .keras file already in the bucket (``keras_object``), or a local one;
+    ``schema_file`` is the data schema it must fit (recorded for members and predict)."""
     if keras_object and model_file:
         raise ValueError("init: give keras_object or model_file, not both")
     args = ["init", "--seed", str(seed)]
@@ -150,4 +153,6 @@ def init_args(
         args += ["--keras-object", keras_object]
     if model_file:
         args += ["--model", str(model_file)]
+    if schema_file:
+        args += ["--schema", str(schema_file)]
     return args

@@ -75,6 +75,7 @@ class Coordinator:
         self._listed_at = -float("inf")
         # member -> (etag, checked heartbeat, or the reason it was refused)
         self._heartbeats: dict[str, tuple[str, untrusted.Heartbeat | str]] = {}
+        self._invalid: dict[str, str | None] = {}  # the reason last logged per member
         self._declared: dict[str, MemberState] = {}  # the ready members' declared rows
         self._results: dict[tuple[int, str, str], dict] = {}  # (round, kind, member) -> json
         # The global model this coordinator last wrote: the next round aggregates onto it, so
@@ -174,6 +175,11 @@ class Coordinator:
                 continue
             beat = self._heartbeats.get(name, ("", None))[1]
             state = beat.state if isinstance(beat, untrusted.Heartbeat) else None
+            if state == "invalid" and self._invalid.get(name) != beat.message:
+                # Where the user looks (the runner's console, `alliance coordinate`): once per
+                # reason, not once per heartbeat.
+                log.warning("member %s cannot take part: %s", name, beat.message)
+            self._invalid[name] = beat.message if state == "invalid" else None
             if state == "stopped" or now - obj.last_modified > self.heartbeat_timeout:
                 lost.add(name)
             elif state == "ready" and name not in known_lost:

@@ -50,6 +50,21 @@ class MemberProcess:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def last_line(self) -> str:
+        return last_line(self.log_path)
+
+
+def last_line(log_path: Path) -> str:
+    """The last line of a log: a crashed Python process's is its exception (or, for the
+    alliance command, its one-line error)."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return next((line.strip() for line in reversed(lines) if line.strip()), "")[:300]
+
 
 def start_member(
     name: str,
@@ -89,14 +104,36 @@ def stop_processes(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
 # --- the run ------------------------------------------------------------------------------
 
 
+@dataclass
+class InitProcess:
+    """``alliance init`` in a child, with its log."""
+
+    process: subprocess.Popen
+    log_path: Path
+
+    def poll(self) -> int | None:
+        return self.process.poll()
+
+    def wait(self) -> int:
+        return self.process.wait()
+
+    def last_line(self) -> str:
+        return last_line(self.log_path)
+
+
 def init_in_subprocess(
-    env: dict[str, str], log_path: Path, keras_file: Path | None, seed: int
-) -> subprocess.Popen:
+    env: dict[str, str],
+    log_path: Path,
+    keras_file: Path | None,
+    seed: int,
+    schema_file: Path | None = None,
+) -> InitProcess:
     """Create the seed model in a child, so the runner itself never imports TensorFlow."""
-    args = [sys.executable, "-m", "alliance", *contract.init_args(seed, model_file=keras_file)]
+    init = contract.init_args(seed, model_file=keras_file, schema_file=schema_file)
+    args = [sys.executable, "-m", "alliance", *init]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     out = open(log_path, "ab")  # noqa: SIM115
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         args,
         env={**os.environ, **env},
         stdout=out,
@@ -104,6 +141,7 @@ def init_in_subprocess(
         stdin=subprocess.DEVNULL,
         preexec_fn=_die_with_parent,
     )
+    return InitProcess(proc, log_path)
 
 
 class EmbeddedAlliance:
@@ -147,22 +185,47 @@ class EmbeddedAlliance:
 
     def wait_until_ready(
         self, timeout: float = 300.0, check: Callable[[], object] = lambda: None
-    ) -> None:
+    ) -> dict[str, str]:
         """Wait until every started member is ready (data checked, TensorFlow and the model
-        loaded) or has said its data is invalid, so round 1 asks all of them, and a resumed
-        run does not mistake the "stopped" heartbeat of a member's previous process for a
-        member that is gone. ``check`` is called on every poll and may raise to give up."""
+        loaded), has said why it cannot take part, or has crashed for good, so round 1 asks
+        all that can, and a resumed run does not mistake the "stopped" heartbeat of a
+        member's previous process for a member that is gone. ``check`` is called on every
+        poll and may raise to give up. Returns each member's problem ("data invalid: …",
+        "crashed: <its last log line>"); ValueError when none is ready in ``timeout``."""
         names = self.names()
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not self.supervise():
+        while True:
             check()
-            beats = {
-                o.key.rsplit("/", 1)[-1].removesuffix(".json") for o in self.store.list_heartbeats()
+            given_up = self.supervise()
+            problems = {
+                m.name: f"crashed: {m.last_line()}" for m in self.members if m.name in given_up
             }
-            states = [_state(self.store.get_json(heartbeat_key(n))) for n in names & beats]
-            if len(states) == len(names) and set(states) <= {"ready", "invalid"}:
-                return
-            time.sleep(0.1)
+            ready = set()
+            for name in names - set(problems):
+                beat = self.store.get_json(heartbeat_key(name))
+                state = _state(beat)
+                if state == "ready":
+                    ready.add(name)
+                elif state == "invalid":
+                    problems[name] = "invalid: " + str(beat.get("message") or "no reason")[:500]
+            if len(ready) + len(problems) == len(names):
+                if not ready:
+                    raise ValueError(
+                        "no member can take part: "
+                        + "; ".join(f"{n}: {p}" for n, p in sorted(problems.items()))
+                    )
+                return problems
+            if time.monotonic() > deadline:
+                waiting = sorted(names - ready - set(problems))
+                raise ValueError(
+                    f"members not ready after {timeout:.0f} s: "
+                    + "; ".join(
+                        f"{m.name} (last log line: {m.last_line() or 'none'})"
+                        for m in self.members
+                        if m.name in waiting
+                    )
+                )
+            time.sleep(0.2)
 
     def names(self) -> set[str]:
         """The alliance's members: the runs count no one else."""
@@ -177,9 +240,10 @@ class EmbeddedAlliance:
             if m.alive or m.restarts >= self.max_restarts:
                 continue
             log.warning(
-                "%s exited with %s; starting it again (%d of %d), log in %s",
+                "%s crashed (exit %s): %s; starting it again (%d of %d), log in %s",
                 m.name,
                 m.process.returncode,
+                m.last_line() or "no output",
                 m.restarts + 1,
                 self.max_restarts,
                 m.log_path,

@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from alliance import contract, weights
@@ -28,6 +28,7 @@ from alliance import metrics as metrics_mod
 from alliance.data.datadir import validate_data_dir
 from alliance.data.errors import DataError
 from alliance.data.schema import DataSchema
+from alliance.model import ModelError
 from alliance.store import Store, StoreError, result_key
 from alliance.trainers import CommandTrainer, KerasTrainer, TaskError, Trainer
 
@@ -54,7 +55,8 @@ def cpu_threads(cpu_max: Path = CGROUP_CPU_MAX) -> int:
 class AgentConfig:
     name: str
     data_dir: Path
-    schema: DataSchema = field(default_factory=DataSchema)
+    #: None: the schema the alliance was initialised with (alliance.json), else mnist-in-csv.
+    schema: DataSchema | None = None
     train_command: str | None = None
     validate_command: str | None = None
     poll_seconds: float = 0.1  # while a run is active; backs off to idle_poll_seconds
@@ -78,6 +80,7 @@ class Agent:
         self._tasks: dict[str, tuple[str, dict]] = {}  # key -> (etag, task)
         self._model_cache: tuple[str, list] | None = None  # the last global model fetched
         self.tasks_done = 0
+        self.schema: DataSchema | None = config.schema
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -91,6 +94,11 @@ class Agent:
         try:
             self._publish_state({"state": "starting"})
             beat.start()
+            if self.schema is None:
+                try:
+                    self.schema = self._alliance_schema()
+                except TaskError:  # stopped while waiting for the alliance
+                    return
             summary = None
             while summary is None and not self._stop.is_set():
                 summary = self._check_data()
@@ -103,7 +111,19 @@ class Agent:
                     self.trainer()
                 except TaskError:  # stopped while waiting for the alliance
                     return
+                except ModelError as exc:  # the alliance's model does not fit this data
+                    log.error("the alliance's model does not fit this member's data: %s", exc)
+                    message = f"the alliance's model does not fit this member's data: {exc}"
+                    self._publish_state({"state": "invalid", "message": message})
+                    self._stop.wait()
+                    return
                 self._publish_state(summary)
+                log.info(
+                    "%s ready: %d training rows, %d test rows; waiting for tasks",
+                    self.name,
+                    summary["trainRows"],
+                    summary["testRows"],
+                )
             idle = 0
             while not self._stop.is_set():
                 did = self.poll_once()
@@ -149,7 +169,7 @@ class Agent:
         try:
             summary = validate_data_dir(
                 self.config.data_dir,
-                self.config.schema,
+                self.schema,
                 cache_dir=self.config.cache_dir,
                 require_train=not self.config.validator,
                 require_test=self.config.validator,
@@ -158,12 +178,12 @@ class Agent:
             log.error("data invalid: %s", exc)
             self._publish_state({"state": "invalid", "error": exc.to_dict(), "message": str(exc)})
             return None
-        log.info("data ready: %d train rows, %d test rows", summary.train_rows, summary.test_rows)
+        log.info("data valid: %d train rows, %d test rows", summary.train_rows, summary.test_rows)
         ready = {
             "state": "ready",
             "trainRows": summary.train_rows,
             "testRows": summary.test_rows,
-            "schema": self.config.schema.to_dict(),
+            "schema": self.schema.to_dict(),
         }
         if summary.warnings:  # valid, but likely not what was meant (e.g. one label only)
             ready["warnings"] = list(summary.warnings)
@@ -182,13 +202,22 @@ class Agent:
 
                 model_mod.configure_threads(cpu_threads())
                 manifest = self._alliance()
+                keras_model = model_mod.build(manifest["model"], self.store)
+                model_mod.check_fits(keras_model, self.schema)
                 self._trainer = KerasTrainer(
-                    model_mod.build(manifest["model"], self.store),
+                    keras_model,
                     self.config.data_dir,
-                    self.config.schema,
+                    self.schema,
                     self.config.cache_dir,
                 )
         return self._trainer
+
+    def _alliance_schema(self) -> DataSchema:
+        """The schema the alliance was initialised with (none recorded: mnist-in-csv)."""
+        recorded = self._alliance().get("dataSchema")
+        schema = DataSchema.from_dict(recorded) if isinstance(recorded, dict) else DataSchema()
+        log.info("data schema from the alliance: %s", schema.to_dict())
+        return schema
 
     def _alliance(self) -> dict:
         while not self._stop.is_set():
@@ -265,11 +294,16 @@ class Agent:
                 metrics["taskSeconds"] = time.perf_counter() - started
                 self.store.put_result(run, round_, "validations", self.name, metrics)
             log.info(
-                "%s round %d %s: %s",
+                "%s round %d %s done in %.1f s: %s",
                 run,
                 round_,
                 kind,
-                {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)},
+                metrics["taskSeconds"],
+                ", ".join(
+                    f"{k} {v:.4f}"
+                    for k, v in metrics.items()
+                    if isinstance(v, float) and k != "taskSeconds"
+                ),
             )
         except (TaskError, DataError, StoreError, weights.WeightsError) as exc:
             log.error("%s round %d %s failed: %s", run, round_, kind, exc)

@@ -52,6 +52,7 @@ class Heartbeat:
     state: str  # "starting", "ready", "invalid", "stopped"
     train_rows: int = 0
     test_rows: int = 0
+    message: str = ""  # an invalid member's reason, bounded (shown to people, never parsed)
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,8 @@ def heartbeat(content: Any) -> Heartbeat:
     state = content.get("state")
     if state not in ("starting", "ready", "invalid", "stopped"):
         raise Rejected(f"state must be starting, ready, invalid or stopped, got {_shown(state)}")
+    if state == "invalid":
+        return Heartbeat(state, message=text(content.get("message", "no reason given")))
     if state not in ("ready", "stopped"):
         return Heartbeat(state)
     train = content.get("trainRows", 0)

@@ -56,7 +56,7 @@ def test_alliance_member_parses_what_member_args_builds(options):
     assert args.func is cli.cmd_member
     assert args.name == "hospital-a"
     assert args.data_dir == Path("/data")
-    assert args.log_level == options.get("log_level", "warning")
+    assert args.log_level == options.get("log_level")  # None: the command's default
     assert args.validator is options.get("validator", False)
     assert args.train_command == options.get("train_command")
     assert args.validate_command == options.get("validate_command")
@@ -68,6 +68,7 @@ INIT_OPTIONS = {
     "log-level": {"log_level": "info"},
     "keras-object": {"log_level": "info", "keras_object": "uploads/my-model.keras"},
     "model-file": {"model_file": Path("/work/model.keras")},
+    "schema": {"model_file": Path("/work/model.keras"), "schema_file": Path("/work/s.yaml")},
 }
 
 
@@ -77,9 +78,10 @@ def test_alliance_init_parses_what_init_args_builds(options, seed):
     args = parse(contract.init_args(seed, **options))
     assert args.func is cli.cmd_init
     assert args.seed == seed
-    assert args.log_level == options.get("log_level", "warning")
+    assert args.log_level == options.get("log_level")  # None: the command's default
     assert args.keras_object == options.get("keras_object")
     assert args.model == options.get("model_file")
+    assert args.schema == options.get("schema_file")
 
 
 def test_init_args_refuses_two_models_as_the_parser_would():

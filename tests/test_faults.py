@@ -177,7 +177,7 @@ def test_a_coordinator_killed_mid_round_resumes_without_losing_or_repeating_work
         out = (a.logs / "coordinator-2.out").read_text()
 
     assert status.phase == Phase.COMPLETED, status.message
-    assert f"run {RUN}: Completed: completed 3 rounds" in out
+    assert f"run {RUN}: Completed — completed 3 rounds" in out
     assert [r.round for r in status.history] == [1, 2, 3]
     # Round 2 is the one that was interrupted, continued, not started again.
     assert status.history[1].started_at == frozen.history[1].started_at

@@ -224,3 +224,47 @@ def test_the_identities_command_creates_bundles_prints_policies_and_removes(stor
     failed = cli("create", "member-c", "--out", tmp_path, env={"ALLIANCE_S3_ENDPOINT": ""})
     assert failed.returncode == 1 and "Traceback" not in failed.stderr
     assert "not configured" in failed.stderr
+
+
+def test_the_store_command_serves_alone_and_prints_what_to_export(tmp_path):
+    """`alliance store`: the separate commands' store, as the README says."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from alliance.s3server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "alliance", "store", "--dir", tmp_path / "s", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines = []
+        while not lines or not lines[-1].startswith("# Ctrl-C"):
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+            lines.append(line.strip())
+        env = dict(
+            line.removeprefix("export ").split("=", 1)
+            for line in lines
+            if line.startswith("export")
+        )
+        assert set(env) == {
+            contract.ENV_S3_ENDPOINT,
+            contract.ENV_S3_ACCESS_KEY,
+            contract.ENV_S3_SECRET_KEY,
+            contract.ENV_BUCKET,
+        }
+        assert env[contract.ENV_S3_ENDPOINT] == f"http://127.0.0.1:{port}"
+        store = Store(StoreConfig.from_env({k: v.strip("'") for k, v in env.items()}), 5)
+        store.put_heartbeat("member-a", {"state": "ready"})
+        assert store.get_json("members/member-a.json") == {"state": "ready"}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    assert "Traceback" not in proc.stderr.read()
+    assert os.path.exists(tmp_path / "s" / "credentials")  # kept for the next start

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from alliance import model
+from alliance.data.schema import DataSchema
 
 pytestmark = pytest.mark.slow
 
@@ -62,3 +63,77 @@ def test_a_file_that_is_not_a_model_is_a_clear_error(tmp_path):
     bad.write_text("hello")
     with pytest.raises(model.ModelError, match=r"bad\.keras: not a loadable Keras model file"):
         model.load_keras_file(bad)
+
+
+# --- the model contract (issue 12) ----------------------------------------------------------
+
+DIGITS = DataSchema(feature_shape=(8, 8, 1), num_classes=10, max_value=16, scale=16)
+
+
+def dense(input_shape, classes, compiled: str | None = None):
+    import keras
+
+    m = keras.Sequential(
+        [
+            keras.Input(input_shape),
+            keras.layers.Flatten(),
+            keras.layers.Dense(classes, activation="softmax"),
+        ]
+    )
+    if compiled:
+        m.compile(optimizer=compiled, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return m
+
+
+def test_the_builtin_cnn_is_sized_for_the_schemas_images_and_recorded(store):
+    manifest = model.init_alliance(store, seed=1, schema=DIGITS)
+    assert manifest["model"] == {
+        "kind": "builtin",
+        "name": "cnn",
+        "inputShape": [8, 8, 1],
+        "numClasses": 10,
+    }
+    assert DataSchema.from_dict(manifest["dataSchema"]) == DIGITS
+    cnn = model.build(manifest["model"])
+    assert cnn.input_shape == (None, 8, 8, 1) and cnn.output_shape == (None, 10)
+    with pytest.raises(model.ModelError, match=r"built-in cnn takes images.*\[20\].*--model"):
+        model.builtin_definition(DataSchema(feature_shape=(20,), max_value=1, scale=1))
+
+
+@pytest.mark.parametrize(
+    "shape,classes,message",
+    [
+        (
+            (28, 28, 1),
+            10,
+            r"input shape is \[28, 28, 1\] but the data's featureShape is \[8, 8, 1\]",
+        ),
+        ((8, 8, 1), 3, r"output shape is \[3\] but the data has 10 classes"),
+    ],
+)
+def test_a_model_that_does_not_fit_the_data_is_refused_at_init(
+    store, tmp_path, shape, classes, message
+):
+    path = tmp_path / "m.keras"
+    dense(shape, classes).save(path)
+    with pytest.raises(model.ModelError, match=message):
+        model.init_alliance(store, keras_file=path, schema=DIGITS)
+    assert store.get_alliance() is None  # nothing half-made
+
+
+def test_an_uncompiled_model_is_compiled_and_a_compiled_one_keeps_its_settings(tmp_path):
+    import warnings
+
+    bare, sgd = tmp_path / "bare.keras", tmp_path / "sgd.keras"
+    dense((8, 8, 1), 10).save(bare)
+    trained = dense((8, 8, 1), 10, compiled="sgd")
+    trained.fit(np.zeros((4, 8, 8, 1)), np.zeros(4), verbose=0)  # an optimizer with state
+    trained.save(sgd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "Skipping variable loading for optimizer" warning
+        loaded_bare = model.load_keras_file(bare)
+        loaded_sgd = model.load_keras_file(sgd)
+    assert type(loaded_bare.optimizer).__name__ == "Adam"
+    assert loaded_bare.loss == "sparse_categorical_crossentropy"
+    assert type(loaded_sgd.optimizer).__name__ == "SGD"
+    loaded_bare.fit(np.zeros((4, 8, 8, 1)), np.zeros(4), verbose=0)  # trainable as loaded
