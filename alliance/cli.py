@@ -34,8 +34,8 @@ process; running again with the same --run resumes at the round it stopped in.
 
 EPILOG_MEMBER = """\
 The store and the member's own keys come from a join bundle (--join bundle.yaml: the file the
-alliance's admin hands over: the Secret <member>-store, key bundle.yaml), or from the environment (no
-defaults for credentials):
+alliance's admin hands over, from the Secret <member>-store, key bundle.yaml), or from the
+environment (no defaults for credentials):
   ALLIANCE_S3_ENDPOINT    http://host:port or https://host
   ALLIANCE_S3_ACCESS_KEY  ALLIANCE_S3_SECRET_KEY  ALLIANCE_BUCKET
   ALLIANCE_S3_CA_FILE     a PEM CA that verifies the store's https certificate (optional)
@@ -207,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="initialise an alliance: bucket, model, seed weights",
         description="Create the bucket and write the model definition and the "
         "seed weights, once (an initialised alliance is left as is).",
+        epilog="The store is given by the environment, as for `alliance member`: "
+        "ALLIANCE_S3_ENDPOINT, ALLIANCE_S3_ACCESS_KEY, ALLIANCE_S3_SECRET_KEY, ALLIANCE_BUCKET "
+        "(and ALLIANCE_S3_CA_FILE for an https store with a CA of its own); `alliance store` "
+        "starts one and prints them.",
     )
     model = p.add_mutually_exclusive_group()
     model.add_argument(
@@ -313,9 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Split TRAIN (and TEST) into OUT/member-1..N, IID or "
         "non-IID (Dirichlet), reproducibly.",
     )
-    p.add_argument("train", type=Path)
-    p.add_argument("test", type=Path, nargs="?")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("train", type=Path, help="the training CSV (plain or .gz)")
+    p.add_argument("test", type=Path, nargs="?", help="the test CSV, split the same way (optional)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="writes OUT/member-1 .. member-N/train.csv (and test.csv)",
+    )
+    p.add_argument("--schema", type=Path, help="data schema YAML (default: mnist-in-csv)")
     _split_arguments(p)
     p.set_defaults(func=cmd_split)
 
@@ -605,6 +615,8 @@ class Progress:
         self.reported: set[int] = set()
         self.last_message = ""
         self.last_stage: tuple = ()
+        self.last_printed = 0.0
+        self.quiet_seconds = 10.0
 
     def say(self, text: str) -> None:
         self._clear()
@@ -622,9 +634,13 @@ class Progress:
         if status.message and status.message != self.last_message:
             if self.tty:
                 print(f"\r\033[K  {status.message}", end="", file=self.stream, flush=True)
-            elif (status.round, status.stage) != self.last_stage:
-                # Without a terminal, one line per stage, not one per answer.
+            elif (status.round, status.stage) != self.last_stage or (
+                time.monotonic() - self.last_printed >= self.quiet_seconds
+            ):
+                # Without a terminal (logs, CI): a line when a stage starts, then at most one
+                # every quiet_seconds while it lasts, not one per answer.
                 print(f"  {status.message}", file=self.stream, flush=True)
+                self.last_printed = time.monotonic()
             self.last_message = status.message
             self.last_stage = (status.round, status.stage)
 
@@ -875,7 +891,14 @@ def cmd_split(args) -> int:
     from alliance.data.split import split_dataset
 
     dirs = split_dataset(
-        args.train, args.test, args.out, args.members, args.split, args.alpha, args.seed or 0
+        args.train,
+        args.test,
+        args.out,
+        args.members,
+        args.split,
+        args.alpha,
+        args.seed or 0,
+        schema=_schema(args.schema),
     )
     for d in dirs:
         print(d)

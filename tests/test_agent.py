@@ -10,6 +10,7 @@ import pytest
 
 from alliance import contract, weights
 from alliance.coordinator import Coordinator
+from alliance.data.schema import DataSchema
 from alliance.engine import Phase, RunSpec, RunStatus
 from alliance.member import Agent, AgentConfig, cpu_threads
 
@@ -56,6 +57,7 @@ def start_agent(store, tmp_path, name, rows=8, train=TRAIN, validate=VALIDATE, *
     agent_config = AgentConfig(
         name=name,
         data_dir=data,
+        schema=DataSchema(),
         cache_dir=tmp_path / "cache",
         poll_seconds=0.05,
         train_command=f"{sys.executable} {scripts[0]} {{model_in}} {{data_dir}} {{model_out}} "
@@ -119,6 +121,7 @@ def test_a_validator_holds_only_a_test_set_and_never_trains(alliance, tmp_path):
         AgentConfig(
             name="v",
             data_dir=data,
+            schema=DataSchema(),
             cache_dir=tmp_path / "cache",
             poll_seconds=0.05,
             validator=True,
@@ -165,7 +168,8 @@ def test_invalid_data_is_published_with_the_exact_error(store, tmp_path):
     cells[5] = "300"
     lines[2] = ",".join(cells)
     (data / "train.csv").write_text("\n".join(lines) + "\n")
-    agent = Agent(store, AgentConfig(name="m", data_dir=data, cache_dir=tmp_path / "c"))
+    config = AgentConfig(name="m", data_dir=data, cache_dir=tmp_path / "c", schema=DataSchema())
+    agent = Agent(store, config)
     thread = threading.Thread(target=agent.run, daemon=True)
     thread.start()
     try:
@@ -220,3 +224,31 @@ def test_cpu_threads_follow_the_environment_then_the_pods_cpu_limit(monkeypatch,
     assert cpu_threads(cpu_max) == 1
     cpu_max.write_text("max 100000\n")  # no limit: every core this process may use
     assert cpu_threads(cpu_max) == len(os.sched_getaffinity(0))
+
+
+def test_without_a_schema_the_agent_uses_the_one_the_alliance_was_made_with(store, tmp_path):
+    """No --schema: the agent waits for alliance.json and checks its data with the schema
+    recorded there (here 2×2 images, values 0–255), not with mnist-in-csv."""
+    from alliance.data.schema import DataSchema
+
+    tiny = DataSchema(feature_shape=(2, 2, 1))
+    data = tmp_path / "m"
+    data.mkdir()
+    (data / "train.csv").write_text("label,1x1,1x2,2x1,2x2\n3,0,255,51,102\n1,1,2,3,4\n")
+    agent = Agent(store, AgentConfig(name="m", data_dir=data, train_command="true"))
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        assert (store.get_json("members/m.json") or {}).get("state") == "starting"  # waits
+        store.put_alliance(
+            {"model": {"kind": "builtin", "name": "cnn"}, "dataSchema": tiny.to_dict()}
+        )
+        deadline = time.monotonic() + 10
+        while (beat := store.get_json("members/m.json") or {}).get("state") != "ready":
+            assert time.monotonic() < deadline, beat
+            time.sleep(0.05)
+    finally:
+        agent.stop()
+        thread.join(10)
+    assert beat["trainRows"] == 2 and beat["schema"]["featureShape"] == [2, 2, 1]

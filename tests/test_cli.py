@@ -209,3 +209,30 @@ def test_a_member_that_dies_is_started_again_and_its_round_keeps_it(tmp_path, sm
     table = out.split("round  members")[1].strip().splitlines()[1:4]
     # Every round aggregated all three members: nobody was dropped.
     assert [row.split()[1:3] for row in table] == [["3", "0"]] * 3, out
+
+
+def test_progress_without_a_terminal_prints_a_stage_then_its_news_every_few_seconds(monkeypatch):
+    import io
+    from types import SimpleNamespace
+
+    from alliance import cli
+
+    out = io.StringIO()
+    progress = cli.Progress(SimpleNamespace(rounds=3), "r", stream=out)
+    clock = [100.0]
+    monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
+
+    def status(message, stage="train"):
+        return SimpleNamespace(history=[], message=message, round=1, stage=stage)
+
+    progress.update(status("round 1: 0 of 3 updates in"))
+    clock[0] += 2
+    progress.update(status("round 1: 1 of 3 updates in"))  # too soon: not printed
+    clock[0] += 10
+    progress.update(status("round 1: 2 of 3 updates in"))
+    progress.update(status("round 1: validating", stage="validate"))  # a new stage: at once
+    assert out.getvalue().splitlines() == [
+        "  round 1: 0 of 3 updates in",
+        "  round 1: 2 of 3 updates in",
+        "  round 1: validating",
+    ]

@@ -180,7 +180,36 @@ def test_column_order(tmp_path):
 def test_column_count_header(tmp_path):
     err = error_of(tiny_csv("1,2,3,4,5,6", header=HEADER + ",extra"), tmp=tmp_path)
     assert where(err) == ("column-count", 1, None, None)
-    assert "has 6 columns; the schema expects 5" in err.message
+    assert "has 6 columns (beyond the 5 expected: 'extra'); the schema expects 5" in err.message
+
+
+@pytest.mark.parametrize("cell", ["x", "cat", "seven"])
+def test_a_label_that_is_a_word_is_a_label_error(tmp_path, cell):
+    err = error_of(tiny_csv("1,2,3,4,5", f"{cell},2,3,4,5"), tmp=tmp_path)
+    assert where(err) == ("label-range", 3, "label", 1)
+    assert f"label '{cell}' is not a class number: labels are integers 0–9" in err.message
+
+
+@pytest.mark.parametrize(
+    "encode,message",
+    [
+        (lambda t: t.encode("utf-16"), "the file is UTF-16"),
+        (lambda t: t.encode("utf-16-be"), "the file is UTF-16"),
+        (
+            lambda t: t.replace("label", "labél").encode("latin-1"),
+            "not UTF-8 (byte 0xE9 at byte 4)",
+        ),
+    ],
+    ids=["utf-16", "utf-16-be-without-bom", "latin-1"],
+)
+def test_a_file_not_in_utf8_is_named_as_such(tmp_path, encode, message):
+    for name in ("train.csv", "train.csv.gz"):
+        err = error_of(encode(tiny_csv("1,2,3,4,5")), name=name, tmp=tmp_path / name)
+        assert where(err) == ("encoding", 1, None, None)
+        assert message in err.message and "save it as UTF-8" in err.message
+    # A UTF-8 byte order mark is fine.
+    write(tmp_path / "bom", "train.csv", "\ufeff" + tiny_csv("1,2,3,4,5"))
+    assert len(load_split(tmp_path / "bom", "train", TINY)) == 1
 
 
 @pytest.mark.parametrize(

@@ -255,7 +255,7 @@ def test_the_agent_reports_warnings_in_its_ready_heartbeat(tmp_path, store):
     df = mnist(50)
     df["label"] = 3
     write_df(d, df)
-    config = AgentConfig(name="m", data_dir=d, cache_dir=tmp_path / "c")
+    config = AgentConfig(name="m", data_dir=d, cache_dir=tmp_path / "c", schema=DataSchema())
     ready = Agent(store, config)._check_data()
     assert ready["state"] == "ready" and ready["trainRows"] == 50
     assert ready["warnings"] == [

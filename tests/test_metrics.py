@@ -249,7 +249,7 @@ def test_members_ready_counts_ready_members_and_forgets_deleted_ones(
 
     # Deleted Members leave no stale series, even when a pass runs after the deletion began.
     m2 = cluster.get("Member", "m2")
-    member_handler.deleted(op.ctx, kopf.Body(m2))
+    member_handler.deleted(op.ctx, kopf.Body(m2), LOG)
     op.reconcile("Member", "m2", body=m2)
     now = scrape(operator_port)
     assert value(now, "alliance_members_ready", namespace=NS, alliance="other") is None
@@ -257,7 +257,7 @@ def test_members_ready_counts_ready_members_and_forgets_deleted_ones(
     m1 = cluster.get("Member", "m1")
     m1["metadata"]["deletionTimestamp"] = "2030-01-01T00:01:00Z"
     op.reconcile("Member", "m1", body=m1)  # kopf's timer, as the deletion starts
-    member_handler.deleted(op.ctx, kopf.Body(m1))
+    member_handler.deleted(op.ctx, kopf.Body(m1), LOG)
     assert series_of(scrape(operator_port), **labels) == set()
 
 

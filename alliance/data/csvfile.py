@@ -161,9 +161,14 @@ def read_layout(csv_file: CsvFile, schema: DataSchema, labelled: bool) -> Layout
             want = f"the label column '{schema.label_column}' and {nfeat} feature columns"
         else:
             want = f"{nfeat} feature columns (the label column is optional here)"
+        extra = ""
+        if len(names) > expected:  # name what is there: the extra one is often the last
+            shown = ", ".join(f"'{n}'" for n in names[expected:][:3])
+            more = "" if len(names) - expected <= 3 else ", ..."
+            extra = f" (beyond the {expected} expected: {shown}{more})"
         raise DataError(
             "column-count",
-            f"the header has {len(names)} columns; the schema expects {expected}: "
+            f"the header has {len(names)} columns{extra}; the schema expects {expected}: "
             f"{want} for featureShape {shape}",
             file=file,
             line=1,
@@ -173,12 +178,37 @@ def read_layout(csv_file: CsvFile, schema: DataSchema, labelled: bool) -> Layout
     return layout
 
 
+def _decoded_header(header: bytes, file: str) -> str:
+    """Line 1 as text; a file in another encoding than UTF-8 (or ASCII) is refused by name,
+    rather than read as garbled column names."""
+    if header.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in header[:200]:
+        raise DataError(
+            "encoding",
+            "the file is UTF-16 (it has zero bytes between the characters): save it as UTF-8 "
+            "(e.g. `iconv -f UTF-16 -t UTF-8 in.csv > out.csv`)",
+            file=file,
+            line=1,
+        )
+    try:
+        return header.decode("utf-8").lstrip("\ufeff")
+    except UnicodeDecodeError as exc:
+        bad = header[exc.start : exc.start + 1]
+        raise DataError(
+            "encoding",
+            f"line 1 is not UTF-8 (byte 0x{bad.hex().upper()} at byte {exc.start + 1}): the file "
+            "seems to be in a legacy encoding such as Latin-1 or Windows-1252; save it as UTF-8 "
+            "(e.g. `iconv -f LATIN1 -t UTF-8 in.csv > out.csv`)",
+            file=file,
+            line=1,
+        ) from None
+
+
 def header_columns(csv_file: CsvFile, schema: DataSchema, labelled: bool) -> list[str]:
     """The column names of line 1, by the header rules that need no more of the schema than its
     label column and delimiter: not blank, the delimiter, the label column (when ``labelled``),
     no name twice."""
-    text = csv_file.header.decode("utf-8", errors="replace").lstrip("\ufeff")
     file = csv_file.file
+    text = _decoded_header(csv_file.header, file)
     d = schema.delimiter
     label = schema.label_column
     if not text.strip():

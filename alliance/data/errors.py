@@ -8,6 +8,7 @@ RULES = (
     "schema",  # the schema itself (fields, types, values)
     "missing-file",  # data directory or train.csv / test.csv (.gz) not found
     "unreadable-file",  # the file exists but cannot be read (permissions, is a directory)
+    "encoding",  # not UTF-8 (or ASCII): UTF-16, Latin-1, ...
     "bad-gzip",  # a .gz file that is not gzip, or is corrupt / truncated
     "empty-file",  # 0 bytes, or a header with no data rows
     "wrong-delimiter",  # the header is one column but contains ';', tab or '|'

@@ -355,6 +355,14 @@ def _cell_value(cell: str, line_no: int, j: int, layout: Layout) -> float:
     if low in _INF_STRINGS:
         raise DataError("nan", f"value {_show(cell)} is not finite", **where)
     if not NUMBER_RE.fullmatch(s):
+        if j == layout.label_idx:
+            raise DataError(
+                "label-range",
+                f"label {_show(cell)} is not a class number: labels are integers "
+                f"0–{layout.schema.num_classes - 1} (map class names to numbers first, "
+                "docs/data-format.md section 8.2)",
+                **where,
+            )
         raise DataError("non-numeric", f"value {_show(cell)} is not a number", **where)
     return float(s)  # may be inf for e.g. 1e400: then out of range
 
