@@ -236,3 +236,27 @@ def test_progress_without_a_terminal_prints_a_stage_then_its_news_every_few_seco
         "  round 1: 2 of 3 updates in",
         "  round 1: validating",
     ]
+
+
+def test_a_member_that_cannot_start_is_named_with_its_last_error_line(tmp_path):
+    """The runner's wait for its members: a member that crashes for good is reported with the
+    last line of its log, at once, and no member left means the run stops with that."""
+    import subprocess
+    import sys
+
+    from alliance.embedded import EmbeddedAlliance, MemberProcess
+
+    with EmbeddedAlliance(tmp_path / "w", max_restarts=0) as alliance:
+        log = tmp_path / "m.log"
+        code = "import sys; print('loading'); sys.exit('OSError: cannot read /data/train.csv')"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code], stdout=log.open("wb"), stderr=subprocess.STDOUT
+        )
+        alliance.members.append(MemberProcess("m", tmp_path, proc, {}, log))
+        started = time.monotonic()
+        with pytest.raises(ValueError) as info:
+            alliance.wait_until_ready(timeout=60)
+    assert time.monotonic() - started < 20
+    assert str(info.value) == (
+        "no member can take part: m: crashed: OSError: cannot read /data/train.csv"
+    )
