@@ -15,7 +15,7 @@ install: $(STAMP)  ## create .venv with every pinned dependency (TensorFlow, the
 $(STAMP): pyproject.toml requirements.lock scripts/install_helm.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip==$(PIP_VERSION)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[tf,s3,operator,dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[tf,s3,operator,dev,report]'
 	$(PY) scripts/install_helm.py $(VENV)/bin
 	touch $(STAMP)
 

@@ -352,6 +352,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--predict-command", help="your own predict command template")
     p.set_defaults(func=cmd_predict)
+
+    from alliance import report
+
+    p = add(
+        "report",
+        help="a run's report: one HTML page of charts and tables (and PNGs)",
+        description="Write a run's report from the store: OUT/report.html, one self-contained "
+        "page (summary; global accuracy and loss, each member's training and validation "
+        "metrics, rejected, failed and dropped members, round times; a table of rounds), and "
+        "the same charts as PNG (needs matplotlib: pip install 'alliance[report]').",
+    )
+    report.add_arguments(p)
+    p.set_defaults(func=report.command)
     return parser
 
 
@@ -576,8 +589,22 @@ def cmd_run(args) -> int:
             members=alliance.names,
         )
         init.wait()
-    progress.done(status, time.perf_counter() - started, work)
+        page = _report_page(alliance.store, run, work, status)
+    progress.done(status, time.perf_counter() - started, work, page)
     return 0 if status.phase == "Completed" else 1
+
+
+def _report_page(store, run: str, work: Path, status) -> Path | None:
+    """The run's report as WORK/reports/RUN/report.html (None, with a warning, when it cannot
+    be made: the run's outcome stands)."""
+    from alliance import report
+    from alliance.store import StoreError
+
+    try:
+        return report.write_html(store, run, work / "reports" / run, status.to_dict())
+    except (report.ReportError, StoreError, OSError) as exc:
+        logging.getLogger("alliance").warning("no report page: %s", exc)
+        return None
 
 
 def _interrupt(*_) -> None:
@@ -644,7 +671,7 @@ class Progress:
             self.last_message = status.message
             self.last_stage = (status.round, status.stage)
 
-    def done(self, status, seconds: float, work: Path | None) -> None:
+    def done(self, status, seconds: float, work: Path | None, page: Path | None = None) -> None:
         """The run's end: its outcome, a table of rounds and, when it completed, where its
         final model is (``work``: the embedded runner's work dir; None: ALLIANCE_S3_*'s)."""
         self._clear()
@@ -677,6 +704,8 @@ class Progress:
         final = status.history[-1].accuracy if status.history else None
         if final is not None:
             print(f"final test accuracy: {final:.4f}", file=self.stream)
+        if page is not None:
+            print(f"report (charts per round and member): {page}", file=self.stream)
         self.stream.flush()
 
 

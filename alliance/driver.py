@@ -100,9 +100,23 @@ def drive(
     while True:
         new = coordinator.reconcile(status)
         sink.save(status, new)
+        if new.phase in FINISHED and status.phase not in FINISHED:
+            store_report(store, run, new)
         status = new
         if status.phase in FINISHED or stopped(poll_seconds):
             return status
+
+
+def store_report(store: Store, run: str, status: RunStatus) -> None:
+    """The run's report page (alliance/report.py) at runs/<run>/report.html, once it ends, for
+    either runner: best effort, a report that cannot be made never fails the run."""
+    from alliance import report
+
+    try:
+        page = report.render_html(report.load(store, run, status.to_dict()))
+        store.put_bytes(report.REPORT_KEY.format(run=run), page.encode(), "text/html")
+    except (report.ReportError, StoreError, OSError, ValueError) as exc:
+        log.warning("no report page for run %s: %s", run, exc)
 
 
 class StoreSink:

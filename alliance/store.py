@@ -416,6 +416,26 @@ class Store:
             ),
         )
 
+    def get_update_meta(
+        self, run: str, round_: int, member: str, max_bytes: int = 64 * 1024
+    ) -> dict | None:
+        """An update's metrics (its object's metadata, member-written: check them) without
+        reading its weights; None when absent, refused, larger than ``max_bytes`` or not a
+        JSON object."""
+        key = round_prefix(run, round_) + f"updates/{member}.npz"
+        try:
+            stat = self._call(f"stat {key}", lambda: self._client.stat_object(self.bucket, key))
+        except (S3Error, StoreError):
+            return None
+        header = (stat.metadata or {}).get("x-amz-meta-alliance") or ""
+        if not header or len(header) > max_bytes:
+            return None
+        try:
+            meta = json.loads(header)
+        except ValueError:
+            return None
+        return meta if isinstance(meta, dict) else None
+
     def get_update(
         self, run: str, round_: int, member: str, max_bytes: int | None = None
     ) -> tuple[bytes, Any]:

@@ -96,6 +96,10 @@ def test_run_trains_and_predict_labels_a_csv(tmp_path, small_dataset):
     accuracy = float(re.search(r"final test accuracy: ([\d.]+)", out).group(1))
     assert accuracy > 0.75, out
     assert "final model: models/" in out
+    # The report page: printed, written, and kept in the store with the run.
+    page = work / "reports" / "small" / "report.html"
+    assert f"report (charts per round and member): {page}" in out
+    assert "<svg" in page.read_text() and (work / "s3").exists()
     pred = run_cli(
         "predict",
         "--work-dir",

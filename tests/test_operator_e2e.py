@@ -254,9 +254,11 @@ def test_a_training_run_completes_with_accuracy_in_status(cluster, alliance):
     kopf_keys = [k for k in tr["metadata"].get("annotations", {}) if "kopf" in k]
     assert kopf_keys and all(k.startswith("alliance.dev/") for k in kopf_keys), kopf_keys
     assert "kopf" not in tr["status"]
-    # The model of every round is in the store.
+    # The model of every round is in the store, and the run's report page.
     for record in status["history"]:
         assert store.exists(f"models/{record['modelId']}.npz")
+    page = store.get_bytes(f"runs/{status['storeRun']}/report.html").decode()
+    assert "<svg" in page and "hospital-a" in page
     # kubectl shows it.
     table = cluster.kubectl("get", "trainingruns", "-n", ns)
     header, *rows = table.strip().splitlines()
