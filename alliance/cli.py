@@ -556,6 +556,11 @@ def cmd_run(args) -> int:
                 schema=_schema(args.schema),
             )
             marker.write_text(split_key)
+        if (args.model or args.schema) and alliance.store.get_alliance() is not None:
+            progress.say(
+                f"note: the alliance in {work} was initialised before: its model and schema "
+                "stay (--model and --schema apply to a new --work-dir)"
+            )
         threads = max(1, len(os.sched_getaffinity(0)) // args.members)
         init = init_in_subprocess(
             alliance.env(threads), work / "logs" / "init.log", args.model, seed, args.schema
@@ -614,9 +619,8 @@ def _interrupt(*_) -> None:
 
 def _init_failed(init) -> set[str]:
     if init.poll() not in (None, 0):
-        raise ValueError(
-            f"initialising the alliance failed: {init.last_line()} (log: {init.log_path})"
-        )
+        why = init.last_line().removeprefix("error: ")
+        raise ValueError(f"initialising the alliance failed: {why} (log: {init.log_path})")
     return set()
 
 
@@ -937,6 +941,7 @@ def cmd_split(args) -> int:
 def cmd_predict(args) -> int:
     import contextlib
 
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up lines: noise here
     import numpy as np
 
     from alliance.data.parse import read_features_csv

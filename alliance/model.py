@@ -13,9 +13,9 @@ The seed (initial) weights are written to the store once, when the alliance is i
 The model contract (docs/member-commands.md, "The model"): a Keras 3 model whose input is one
 row's features in the schema's ``featureShape`` (batch dimension aside) and whose output is
 ``numClasses`` class probabilities (softmax), trained on integer labels. A model saved
-uncompiled is compiled here (adam, sparse categorical cross-entropy, accuracy); a compiled one
-keeps its optimizer, loss and metrics. ``check_fits`` says, before any training, when a model
-does not fit the data.
+uncompiled is compiled here (adam); a compiled one keeps its optimizer and its settings; the
+loss and metric are always sparse categorical cross-entropy and accuracy. ``check_fits`` says,
+before any training, when a model does not fit the data.
 """
 
 from __future__ import annotations
@@ -146,13 +146,16 @@ def load_keras_file(path: Path) -> Any:
             compile_config = json.loads(archive.read("config.json")).get("compile_config")
     except Exception as exc:  # Keras raises many types for a bad file
         raise ModelError(f"{path}: not a loadable Keras model file: {exc}") from exc
-    if compile_config and compile_config.get("loss"):
+    optimizer = "adam"
+    if compile_config and compile_config.get("optimizer"):
         try:
             model.compile_from_config(compile_config)
         except Exception as exc:
             raise ModelError(f"{path}: its compile settings do not load: {exc}") from exc
-    else:
-        compile_model(model)
+        optimizer = model.optimizer  # the file's, with its settings (e.g. learning rate)
+    # The loss and metric are the platform's: labels are integers, and every validation
+    # reports the loss and the accuracy.
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     return model
 
 

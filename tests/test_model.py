@@ -136,4 +136,13 @@ def test_an_uncompiled_model_is_compiled_and_a_compiled_one_keeps_its_settings(t
     assert type(loaded_bare.optimizer).__name__ == "Adam"
     assert loaded_bare.loss == "sparse_categorical_crossentropy"
     assert type(loaded_sgd.optimizer).__name__ == "SGD"
+    # A one-hot loss and no metrics in the file: the platform's loss and metric all the same.
+    onehot = dense((8, 8, 1), 10)
+    onehot.compile(optimizer="rmsprop", loss="categorical_crossentropy")
+    onehot.save(tmp_path / "onehot.keras")
+    loaded = model.load_keras_file(tmp_path / "onehot.keras")
+    assert type(loaded.optimizer).__name__ == "RMSprop"
+    assert loaded.loss == "sparse_categorical_crossentropy"
+    loaded.fit(np.zeros((4, 8, 8, 1)), np.zeros(4), verbose=0)
+    assert len(loaded.evaluate(np.zeros((4, 8, 8, 1)), np.zeros(4), verbose=0)) == 2
     loaded_bare.fit(np.zeros((4, 8, 8, 1)), np.zeros(4), verbose=0)  # trainable as loaded
