@@ -225,13 +225,18 @@ def test_heartbeats_that_are_not_heartbeats_keep_their_member_out(alliance, capl
     ]
 
 
-def test_stale_heartbeat_and_invalid_data_keep_members_out(alliance):
+def test_stale_heartbeat_and_invalid_data_keep_members_out(alliance, caplog):
     store, _ = alliance
     store.put_heartbeat("c", {"state": "invalid", "message": "train.csv, line 3: nan"})
     clock = Clock()
     coord = Coordinator(store, RUN, RunSpec(rounds=1), heartbeat_timeout=60, clock=clock)
     obs = coord.observe(RunStatus())
     assert sorted(obs.ready) == ["a", "b"]
+    # Said where the user looks (the runner's console, `alliance coordinate`), once.
+    coord.member_refresh_seconds = 0
+    coord.observe(RunStatus())
+    said = [r.message for r in caplog.records if "cannot take part" in r.message]
+    assert said == ["member c cannot take part: train.csv, line 3: nan"]
     coord.clock = lambda: clock.now + 10**9  # every heartbeat is now ancient
     obs = coord.observe(RunStatus())
     assert obs.ready == {} and obs.lost == {"a", "b", "c"}
