@@ -5,7 +5,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PIP_VERSION := 25.3
 
-.PHONY: install demo test test-fast bench lint format clean help images wheels chart-lint
+.PHONY: install demo test test-fast bench lint format clean help images wheels chart-lint \
+	image-operator image-member e2e-kind
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -62,11 +63,20 @@ $(WHEELS)/.complete: images/operator-requirements.txt images/member-requirements
 		-r images/operator-requirements.txt -r images/member-requirements.txt
 	touch $@
 
-images: wheels  ## build the operator and member images (a Docker engine; the build runs offline)
+images: image-operator image-member  ## build the operator and member images (a Docker engine; the build runs offline)
+
+# Each image alone (tests/test_containers.py times them apart). BASE_IMAGE: see above.
+image-operator: wheels
 	docker build --network none $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
 		--target operator -t alliance-operator:$(IMAGE_TAG) .
+
+image-member: wheels
 	docker build --network none $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
 		--target member -t alliance-member:$(IMAGE_TAG) .
+
+# docs/kubernetes.md, section 7: creates the cluster when absent, loads the images, runs MinIO.
+e2e-kind: install images  ## the operator e2e tests on a kind cluster with these images (kind, kubectl)
+	scripts/e2e_kind.sh
 
 chart-lint: install  ## helm lint --strict and the rendered scenarios through kubernetes-validate
 	$(PY) -m pytest -q tests/test_chart.py tests/test_member_chart.py

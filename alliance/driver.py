@@ -99,9 +99,9 @@ def drive(
     )
     while True:
         new = coordinator.reconcile(status)
-        sink.save(status, new)
         if new.phase in FINISHED and status.phase not in FINISHED:
-            store_report(store, run, new)
+            store_report(store, run, new)  # before the status says so: then it is there
+        sink.save(status, new)
         status = new
         if status.phase in FINISHED or stopped(poll_seconds):
             return status

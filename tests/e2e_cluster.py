@@ -305,13 +305,22 @@ WRITE_STDIN = "import shutil, sys; shutil.copyfileobj(sys.stdin.buffer, open(sys
 class RealCluster(Cluster):
     """A real cluster (see the module docstring and docs/kubernetes.md, section 7): nodes with
     cgroup v2 (for ``crash_agent``), a default StorageClass, the member image where the nodes
-    find it. Not exercised by CI: no cluster runs there."""
+    find it. Not exercised by CI: no cluster runs there (tests/test_containers.py runs both
+    images on a Docker engine instead).
+
+    With ``ALLIANCE_E2E_OPERATOR_IMAGE`` (the operator image, e.g. alliance-operator:0.1.0) the
+    operator runs from that image on this machine's Docker engine, hardened as the chart runs it
+    (uid 10001, read-only root filesystem, no capabilities, ``--network host`` to reach the
+    cluster's API server and serve its metrics on loopback, the kubeconfig mounted read-only);
+    killed with ``docker kill``. Without it, the venv's ``alliance-operator``."""
 
     def __init__(self, work_dir: Path, kubeconfig: Path):
         self.work_dir = work_dir
         self.kubeconfig = kubeconfig
         env = os.environ
         self.image = env["ALLIANCE_E2E_MEMBER_IMAGE"]
+        self.operator_image = env.get("ALLIANCE_E2E_OPERATOR_IMAGE", "")
+        self.operator_container = ""
         self.store_config = StoreConfig(
             env["ALLIANCE_E2E_S3_ENDPOINT"],
             env["ALLIANCE_E2E_S3_ACCESS_KEY"],
@@ -322,6 +331,63 @@ class RealCluster(Cluster):
 
     def operator_env(self) -> dict[str, str]:
         return {"ALLIANCE_OPERATOR_MEMBER_IMAGE": self.image}
+
+    def start_operator(self, namespace: str) -> None:
+        if not self.operator_image:
+            super().start_operator(namespace)
+            return
+        if not getattr(self, "metrics_port", None):  # a restarted operator keeps its port
+            self.metrics_port = free_port()
+        # A copy uid 10001 may read (a kubeconfig is often 0600); mounted, not the original.
+        kubeconfig = self.work_dir / "operator-kubeconfig"
+        shutil.copyfile(self.kubeconfig, kubeconfig)
+        kubeconfig.chmod(0o644)
+        env = {
+            **OPERATOR_ENV,
+            **self.operator_env(),
+            "KUBECONFIG": "/etc/alliance/kubeconfig",
+            "ALLIANCE_OPERATOR_METRICS_PORT": str(self.metrics_port),
+        }
+        # A new name each time: a killed container may still be being removed (--rm).
+        self.operator_container = f"alliance-e2e-operator-{uuid.uuid4().hex[:6]}"
+        log = open(self.work_dir / "operator.log", "ab")  # noqa: SIM115 (kept for the process)
+        self.operator = subprocess.Popen(
+            [
+                "docker", "run", "--rm", "--name", self.operator_container,
+                "--network", "host", "--user", "10001:10001", "--read-only",
+                "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+                "--tmpfs", "/tmp:rw,nosuid,nodev,mode=1777",
+                "--volume", f"{kubeconfig}:/etc/alliance/kubeconfig:ro",
+                *(f"--env={k}={v}" for k, v in env.items()),
+                self.operator_image, "--namespace", namespace, "--verbose",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+
+    def kill_operator(self) -> None:
+        if not self.operator_image:
+            super().kill_operator()
+            return
+        # SIGKILL to the container's PID 1, the operator: as a node loss or an OOM kill ends it.
+        subprocess.run(["docker", "kill", "--signal", "KILL", self.operator_container],
+                       capture_output=True, timeout=60)  # fmt: skip
+        self.operator.wait(timeout=30)
+
+    def stop_operator(self) -> None:
+        if not self.operator_image:
+            super().stop_operator()
+            return
+        if getattr(self, "operator", None) and self.operator.poll() is None:
+            subprocess.run(["docker", "stop", "--time", "15", self.operator_container],
+                           capture_output=True, timeout=60)  # fmt: skip
+            try:
+                self.operator.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.operator.kill()
+                self.operator.wait(timeout=5)
 
     def provide_data(
         self, namespace: str, claim: str, files: dict[str, Path], member: str | None

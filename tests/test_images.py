@@ -24,7 +24,8 @@ else. Nothing is shared with the project's .venv; a failing pip command fails th
 What this cannot show: that the base image tag exists and its Python behaves as this one, the
 runtime stage's RUN (the user, removing pip), the uid 10001 and the read-only root filesystem
 (the tests run as the current user; they check that running the entry points writes nothing
-into the installed environment). `make images` builds them for real (README, "Images").
+into the installed environment). tests/test_containers.py builds the images for real and runs
+them that way, on a Docker engine (README, "Container images").
 """
 
 from __future__ import annotations
@@ -445,8 +446,10 @@ def test_build_context_holds_what_the_dockerfile_copies(image: Image):
 
 def make_dry_run(*args: str) -> list[list[str]]:
     """The commands `make -n -B ARGS` would run, continuation lines joined. Run apart from
-    any outer make (`make test`), whose variables would make this one print its directory."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    any outer make (`make test`), whose variables would make this one print its directory, and
+    from the image variables of the environment (.ci/run exports BASE_IMAGE)."""
+    outer = ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "BASE_IMAGE", "IMAGE_TAG", "WHEEL_ARCH")
+    env = {k: v for k, v in os.environ.items() if k not in outer}
     out = subprocess.run(
         ["make", "--no-print-directory", "-n", "-B", *args],
         cwd=ROOT,

@@ -1194,6 +1194,8 @@ def test_run_rounds_with_a_member_lost(op, cluster, events, federation, s3, ctx)
     assert op.condition("TrainingRun", RUN, "Completed") == ("True", "AllRoundsDone")
     assert op.condition("TrainingRun", RUN, "Progressing") == ("False", "Completed")
     assert not s3.exists(task_key(store_run))
+    page = s3.get_bytes(f"runs/{store_run}/report.html").decode()  # the run's report page
+    assert "<svg" in page and "m1" in page
     new = op.new_events(seen)
     (done,) = [e for e in new if e[1] == "RoundCompleted"]
     assert done[0] == "Normal"

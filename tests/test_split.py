@@ -108,11 +108,11 @@ def test_labels_for_splitting_are_integers_by_the_number_rules(tmp_path):
         ("a,b\n1,2\n", ("missing-label-column", 1, None, None), "no column 'label'"),
         ("a;label\n1;2\n", ("wrong-delimiter", 1, None, None), "';'"),
         ("label,a\n1,2\n3.5,4\n", ("label-range", 3, "label", 1), "label 3.5 is not an integer"),
-        ("a,label\n1,2\n3,x\n", ("non-numeric", 3, "label", 2), "value 'x' is not a number"),
+        ("a,label\n1,2\n3,x\n", ("label-range", 3, "label", 2), "label 'x' is not a class number"),
         ("label,a\n1,2\n,4\n", ("nan", 3, "label", 1), "empty cell"),
         ("a,label\n1,2\n3\n", ("column-count", 3, None, None), "found 1"),
         # a quoted cell may hold the delimiter: one cell, as the checks read it
-        ('label,a\n1,2\n"3,4",5\n', ("non-numeric", 3, "label", 1), "'3,4' is not a number"),
+        ('label,a\n1,2\n"3,4",5\n', ("label-range", 3, "label", 1), "'3,4' is not a class number"),
         ("label,a\n1,2\n\n3,4\n", ("column-count", 3, None, None), "the line is blank"),
         ("label,a\n\n", ("empty-file", None, None, None), "no data rows"),
     ],
