@@ -401,9 +401,11 @@ def test_inconsistent_values_fail_with_a_message(values, message, tmp_path):
 PASS_THROUGH = {"resources", "affinity", "tolerations", "nodeSelector", "stringMap"}
 
 
-def _schema_leaves(values, schema, path=""):
+def schema_leaves(values, schema: dict, root: dict | None = None, path: str = ""):
     """Every documented unit of values.yaml: a key whose schema is a closed object of the chart
-    recurses; anything else (scalars, lists, maps, Kubernetes structures) is one leaf."""
+    recurses; anything else (scalars, lists, maps, Kubernetes structures) is one leaf.
+    ``root``: the whole values.schema.json (its definitions), default ``schema``."""
+    root = schema if root is None else root
     closed = schema.get("additionalProperties") is False and "properties" in schema
     if isinstance(values, dict) and closed:
         for key, value in values.items():
@@ -412,7 +414,7 @@ def _schema_leaves(values, schema, path=""):
             if _definition(sub) in PASS_THROUGH:
                 yield f"{path}{key}"
             else:
-                yield from _schema_leaves(value, _resolve(sub), f"{path}{key}.")
+                yield from schema_leaves(value, resolve(sub, root), root, f"{path}{key}.")
     else:
         yield path.rstrip(".")
 
@@ -423,12 +425,35 @@ def _definition(node: dict) -> str | None:
     return node["$ref"].rsplit("/", 1)[1] if "$ref" in node else None
 
 
-def _resolve(node: dict) -> dict:
-    root = json.loads((CHART / "values.schema.json").read_text())
+def resolve(node: dict, root: dict) -> dict:
+    """``node`` with its $ref (or single allOf) followed into ``root``'s definitions."""
     while "$ref" in node or ("allOf" in node and len(node["allOf"]) == 1):
         ref = node["$ref"] if "$ref" in node else node["allOf"][0]["$ref"]
         node = root["definitions"][ref.rsplit("/", 1)[1]]
     return node
+
+
+def assert_closed(schema: dict) -> None:
+    """Every object of a values schema sets additionalProperties (false when it lists
+    properties), and every property has a type."""
+
+    def walk(node, where):
+        node = resolve(node, schema)
+        types = node.get("type")
+        types = types if isinstance(types, list) else [types]
+        if "object" in types:
+            assert "additionalProperties" in node, f"{where}: additionalProperties not set"
+            if "properties" in node:
+                assert node["additionalProperties"] is False, f"{where} is not closed"
+            for key, sub in node.get("properties", {}).items():
+                assert "type" in resolve(sub, schema), f"{where}.{key} has no type"
+                walk(sub, f"{where}.{key}")
+            if isinstance(node["additionalProperties"], dict):
+                walk(node["additionalProperties"], f"{where}.*")
+        if "array" in types:
+            walk(node["items"], f"{where}[]")
+
+    walk(schema, "values")
 
 
 def test_schema_covers_every_value_and_closes_every_object():
@@ -437,24 +462,9 @@ def test_schema_covers_every_value_and_closes_every_object():
     assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
     jsonschema.Draft7Validator.check_schema(schema)
     jsonschema.Draft7Validator(schema).validate(values)
-    leaves = list(_schema_leaves(values, schema))
+    leaves = list(schema_leaves(values, schema))
     assert len(leaves) > 50
-
-    def walk(node, where):
-        node = _resolve(node)
-        if node.get("type") == "object":
-            assert "additionalProperties" in node, f"{where}: additionalProperties not set"
-            if "properties" in node:
-                assert node["additionalProperties"] is False, f"{where} is not closed"
-            for key, sub in node.get("properties", {}).items():
-                assert "type" in _resolve(sub), f"{where}.{key} has no type"
-                walk(sub, f"{where}.{key}")
-            if isinstance(node["additionalProperties"], dict):
-                walk(node["additionalProperties"], f"{where}.*")
-        if node.get("type") == "array":
-            walk(node["items"], f"{where}[]")
-
-    walk(schema, "values")
+    assert_closed(schema)
 
 
 def test_values_are_documented_key_by_key():
@@ -462,7 +472,7 @@ def test_values_are_documented_key_by_key():
     documented = re.findall(r"^\s*## @param (\S+) \S", text, re.M)
     assert len(documented) == len(set(documented)), "a key is documented twice"
     schema = json.loads((CHART / "values.schema.json").read_text())
-    leaves = set(_schema_leaves(yaml.safe_load(text), schema))
+    leaves = set(schema_leaves(yaml.safe_load(text), schema))
     assert set(documented) == leaves, (
         f"undocumented: {sorted(leaves - set(documented))}; "
         f"documented but absent: {sorted(set(documented) - leaves)}"

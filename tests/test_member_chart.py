@@ -37,7 +37,17 @@ from alliance_operator.resources.pods import member_pod
 
 from alliance import cli, contract
 from alliance.data.schema import DataSchema
-from tests.test_chart import HELM, KUBERNETES_VERSION, VALIDATE, docs, find, one, selector_matches
+from tests.test_chart import (
+    HELM,
+    KUBERNETES_VERSION,
+    VALIDATE,
+    assert_closed,
+    docs,
+    find,
+    one,
+    schema_leaves,
+    selector_matches,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "alliance-member"
@@ -361,42 +371,8 @@ def test_schema_refuses_bad_values(bundle, values, message, tmp_path):
     assert message in result.stderr, result.stderr
 
 
-#: Kubernetes structures passed through as they are: documented as one value each.
-PASS_THROUGH = {"resources", "affinity", "tolerations", "nodeSelector", "stringMap"}
-
-
 def _schema() -> dict:
     return json.loads((CHART / "values.schema.json").read_text())
-
-
-def _definition(node: dict) -> str | None:
-    if "allOf" in node and len(node["allOf"]) == 1:
-        node = node["allOf"][0]
-    return node["$ref"].rsplit("/", 1)[1] if "$ref" in node else None
-
-
-def _resolve(node: dict) -> dict:
-    root = _schema()
-    while "$ref" in node or ("allOf" in node and len(node["allOf"]) == 1):
-        ref = node["$ref"] if "$ref" in node else node["allOf"][0]["$ref"]
-        node = root["definitions"][ref.rsplit("/", 1)[1]]
-    return node
-
-
-def _schema_leaves(values, schema, path=""):
-    """Every documented unit of values.yaml: a key whose schema is a closed object of the chart
-    recurses; anything else (scalars, lists, maps, Kubernetes structures) is one leaf."""
-    closed = schema.get("additionalProperties") is False and "properties" in schema
-    if isinstance(values, dict) and closed:
-        for key, value in values.items():
-            sub = schema["properties"].get(key)
-            assert sub is not None, f"values.yaml key {path + key} is not in values.schema.json"
-            if _definition(sub) in PASS_THROUGH:
-                yield f"{path}{key}"
-            else:
-                yield from _schema_leaves(value, _resolve(sub), f"{path}{key}.")
-    else:
-        yield path.rstrip(".")
 
 
 def test_schema_covers_every_value_and_closes_every_object():
@@ -414,26 +390,9 @@ def test_schema_covers_every_value_and_closes_every_object():
     jsonschema.Draft7Validator(schema).validate(effective({}, {}))
     for bundle, extra in SCENARIOS.values():
         jsonschema.Draft7Validator(schema).validate(effective(bundle, extra))
-    leaves = list(_schema_leaves(values, schema))
+    leaves = list(schema_leaves(values, schema))
     assert len(leaves) > 25
-
-    def walk(node, where):
-        node = _resolve(node)
-        types = node.get("type")
-        types = types if isinstance(types, list) else [types]
-        if "object" in types:
-            assert "additionalProperties" in node, f"{where}: additionalProperties not set"
-            if "properties" in node:
-                assert node["additionalProperties"] is False, f"{where} is not closed"
-            for key, sub in node.get("properties", {}).items():
-                assert "type" in _resolve(sub), f"{where}.{key} has no type"
-                walk(sub, f"{where}.{key}")
-            if isinstance(node["additionalProperties"], dict):
-                walk(node["additionalProperties"], f"{where}.*")
-        if "array" in types:
-            walk(node["items"], f"{where}[]")
-
-    walk(schema, "values")
+    assert_closed(schema)
     assert schema["additionalProperties"] is False
 
 
@@ -441,7 +400,7 @@ def test_values_are_documented_key_by_key():
     text = (CHART / "values.yaml").read_text()
     documented = re.findall(r"^\s*## @param (\S+) \S", text, re.M)
     assert len(documented) == len(set(documented)), "a key is documented twice"
-    leaves = set(_schema_leaves(yaml.safe_load(text), _schema()))
+    leaves = set(schema_leaves(yaml.safe_load(text), _schema()))
     assert set(documented) == leaves, (
         f"undocumented: {sorted(leaves - set(documented))}; "
         f"documented but absent: {sorted(set(documented) - leaves)}"
