@@ -736,13 +736,15 @@ def _joined(path: Path):
     """The member's name and store from a join bundle (alliance/contract.py)."""
     import yaml
 
+    from alliance import identities
     from alliance.store import Store, StoreConfig
 
     try:
         bundle = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not YAML: {exc}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not a YAML join bundle: {exc}") from None
     b = contract.read_join_bundle(bundle, str(path))
+    identities.check_name(b["member"])  # the name its objects are stored under
     config = StoreConfig(b["endpoint"], b["access_key"], b["secret_key"], b["bucket"], b["ca_cert"])
     logging.getLogger("alliance").info(
         "joining alliance %s as %s through %s", b["alliance"], b["member"], b["endpoint"]

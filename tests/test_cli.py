@@ -264,3 +264,25 @@ def test_a_member_that_cannot_start_is_named_with_its_last_error_line(tmp_path):
     assert str(info.value) == (
         "no member can take part: m: crashed: OSError: cannot read /data/train.csv"
     )
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"- 1\n", "not a mapping of alliance, member and store"),
+        (b"\x8a\x00garbage", "not a YAML join bundle"),
+        (
+            b"alliance: a\nmember: ../b\nstore: {endpoint: http://x, bucket: b, accessKey: k, "
+            b"secretKey: s}\n",
+            "member name '../b'",
+        ),
+        (b"alliance: a\nmember: m\nstore: {endpoint: ftp://x}\n", "store.bucket: missing"),
+    ],
+    ids=["list", "binary", "someone-elses-path", "missing-keys"],
+)
+def test_a_bad_join_bundle_is_one_clear_line(tmp_path, content, message):
+    bundle = tmp_path / "bundle.yaml"
+    bundle.write_bytes(content)
+    result = run_cli("member", "--join", bundle, "--data-dir", tmp_path, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
