@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from alliance import __version__, contract
+from alliance import __version__, contract, cpulease
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = PROJECT_ROOT / "examples" / "mnist-sample"
@@ -40,7 +40,9 @@ environment (no defaults for credentials):
   ALLIANCE_S3_ACCESS_KEY  ALLIANCE_S3_SECRET_KEY  ALLIANCE_BUCKET
   ALLIANCE_S3_CA_FILE     a PEM CA that verifies the store's https certificate (optional)
 Optional: ALLIANCE_CPU_THREADS (default: the cgroup CPU limit, else every core),
-ALLIANCE_CACHE_DIR (where parsed data is cached), ALLIANCE_METRICS_PORT (as --metrics-port).
+ALLIANCE_CACHE_DIR (where parsed data is cached), ALLIANCE_METRICS_PORT (as --metrics-port),
+ALLIANCE_CPU_LEASE (a directory shared by the members of one machine: they then take turns
+computing, ALLIANCE_CPU_LEASE_SLOTS at a time, default 1; see docs/operations.md).
 
 Metrics (with --metrics-port): alliance_member_tasks_total{kind,outcome},
 alliance_member_task_seconds{kind} and alliance_member_samples_per_second, each labelled
@@ -445,6 +447,15 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
         help="how the CSV files are laid out (default: mnist-in-csv; see examples/schema.yaml); "
         "recorded with the alliance, so the members and predict use it too",
     )
+    p.add_argument(
+        "--cpu-sharing",
+        default="auto",
+        metavar="MODE",
+        help="how the member processes share this machine's cores: shared (all at once, "
+        "cores ÷ members TensorFlow threads each), turns (one at a time with every core, "
+        "through a local CPU lease), a number N (N at a time, cores ÷ N threads each), or "
+        "auto (default: the measured best, see README 'Performance')",
+    )
 
 
 # --- commands ---------------------------------------------------------------------------
@@ -528,6 +539,7 @@ def cmd_run(args) -> int:
 
     spec = RunSpec.from_dict(_run_spec(args))
     seed = spec.seed
+    cpu = cpulease.plan(len(os.sched_getaffinity(0)), args.members, args.cpu_sharing)
     work = args.work_dir.resolve()
     data_dir = args.data_dir or SAMPLE_DIR
     run = _pick_run_name(work, args)
@@ -561,14 +573,13 @@ def cmd_run(args) -> int:
                 f"note: the alliance in {work} was initialised before: its model and schema "
                 "stay (--model and --schema apply to a new --work-dir)"
             )
-        threads = max(1, len(os.sched_getaffinity(0)) // args.members)
         init = init_in_subprocess(
-            alliance.env(threads), work / "logs" / "init.log", args.model, seed, args.schema
+            alliance.env(cpu), work / "logs" / "init.log", args.model, seed, args.schema
         )
-        alliance.start_members(member_dirs, threads)
+        alliance.start_members(member_dirs, cpu)
         progress.say(
             f"S3 store at {alliance.server.endpoint}; {args.members} members starting "
-            f"({threads} CPU thread{'s' * (threads > 1)} each); logs in {work / 'logs'}"
+            f"({cpu.describe(args.members)}); logs in {work / 'logs'}"
         )
         (work / "last-run").write_text(run)
         progress.say("waiting for the members to check their data and load TensorFlow")
@@ -767,6 +778,7 @@ def cmd_member(args) -> int:
         # A member's operator sees its agent work: data checked, ready, one line per task.
         logging.getLogger("alliance.member").setLevel(logging.INFO)
     cache = os.environ.get(contract.ENV_CACHE_DIR)
+    lease = os.environ.get(contract.ENV_CPU_LEASE)
     agent = Agent(
         store,
         AgentConfig(
@@ -778,12 +790,20 @@ def cmd_member(args) -> int:
             cache_dir=Path(cache) if cache else None,
             validator=args.validator,
             metrics_port=_metrics_port(args.metrics_port),
+            cpu_lease=cpulease.CpuLease(Path(lease), _lease_slots()) if lease else None,
         ),
     )
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
     agent.run()
     return 0
+
+
+def _lease_slots() -> int:
+    text = os.environ.get(contract.ENV_CPU_LEASE_SLOTS, "1")
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError(f"{contract.ENV_CPU_LEASE_SLOTS}={text!r}: give a whole number ≥ 1")
+    return int(text)
 
 
 def cmd_store(args) -> int:

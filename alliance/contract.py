@@ -31,8 +31,15 @@ ENV_BUCKET = "ALLIANCE_BUCKET"
 #: A PEM file of the CA that verifies the store's https certificate (unset: the system's CAs).
 #: Operator: the member's Secret key ``ca.crt``, mounted; runner: unset (plain HTTP on loopback).
 ENV_S3_CA_FILE = "ALLIANCE_S3_CA_FILE"
-#: TensorFlow's thread count. Operator: the pod's CPU limit; runner: cores ÷ members.
+#: TensorFlow's thread count. Operator: the pod's CPU limit; runner: its CPU plan's
+#: (alliance/cpulease.py: cores ÷ members, or every core when members take turns).
 ENV_CPU_THREADS = "ALLIANCE_CPU_THREADS"
+#: A directory of CPU lease files shared by the members of one machine, which then take turns
+#: computing (alliance/cpulease.py). Runner: <work-dir>/cpu-lease with --cpu-sharing turns or N;
+#: a member of a shared node may set it to a hostPath. Unset: no lease.
+ENV_CPU_LEASE = "ALLIANCE_CPU_LEASE"
+#: How many of those members compute at once (default 1).
+ENV_CPU_LEASE_SLOTS = "ALLIANCE_CPU_LEASE_SLOTS"
 #: Where parsed CSV data is cached. Operator: an emptyDir; runner: <work-dir>/cache.
 ENV_CACHE_DIR = "ALLIANCE_CACHE_DIR"
 #: A Member's spec.dataSchema as JSON. Operator only (unset: the default schema).

@@ -27,12 +27,17 @@ from typing import Protocol
 
 from alliance.coordinator import Coordinator
 from alliance.engine import Phase, RunSpec, RunStatus, SpecError
-from alliance.store import Store, StoreError
+from alliance.store import Changes, Store, StoreError, run_key
 
 log = logging.getLogger(__name__)
 
-#: How often the loop looks at the store while it waits for members.
+#: How often the loop looks at the store while it waits for members, when the store sends no
+#: notifications (and before round 1: members getting ready announce it in no run's objects).
 POLL_SECONDS = 0.05
+#: With notifications the loop waits for the next object under the run's rounds, and looks
+#: anyway this often: deadlines, heartbeats and lost members are announced by no object (a
+#: look costs the store and the coordinator about 10 ms of CPU: 0.2 % of a core at this pace).
+RECHECK_SECONDS = 5.0
 FINISHED = (Phase.COMPLETED, Phase.FAILED)
 
 
@@ -97,14 +102,34 @@ def drive(
         heartbeat_timeout=heartbeat_timeout,
         registered=members,
     )
-    while True:
-        new = coordinator.reconcile(status)
-        if new.phase in FINISHED and status.phase not in FINISHED:
-            store_report(store, run, new)  # before the status says so: then it is there
-        sink.save(status, new)
-        status = new
-        if status.phase in FINISHED or stopped(poll_seconds):
-            return status
+    changes = store.watch(run_key(run, "rounds/"))
+    try:
+        while True:
+            new = coordinator.reconcile(status)
+            if new.phase in FINISHED and status.phase not in FINISHED:
+                store_report(store, run, new)  # before the status says so: then it is there
+            sink.save(status, new)
+            status = new
+            if status.phase in FINISHED or _wait(changes, status, stopped, poll_seconds):
+                return status
+    finally:
+        changes.close()
+
+
+def _wait(
+    changes: Changes, status: RunStatus, stopped: Callable[[float], bool], poll_seconds: float
+) -> bool:
+    """Wait until the next step is due; True: stop. With store notifications, a step follows
+    each change under the run's rounds (a member's update, failure or validation) within
+    milliseconds, or RECHECK_SECONDS without one, and waiting costs no request: ``stopped``
+    is asked every ``poll_seconds`` without waiting. Without them, one poll interval."""
+    if not changes.live or status.round == 0:
+        return stopped(poll_seconds)
+    recheck = time.monotonic() + RECHECK_SECONDS
+    while not changes.wait(poll_seconds) and time.monotonic() < recheck:
+        if stopped(0):
+            return True
+    return stopped(0)
 
 
 def store_report(store: Store, run: str, status: RunStatus) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alliance import contract, identities
+from alliance.cpulease import CpuPlan
 from alliance.s3server import S3Server
 from alliance.store import Store, heartbeat_key
 
@@ -165,21 +166,27 @@ class EmbeddedAlliance:
         self.store.ensure_bucket()
         return self
 
-    def env(self, threads: int) -> dict[str, str]:
-        return {
+    def env(self, cpu: CpuPlan) -> dict[str, str]:
+        """The environment of the processes this runner starts; ``cpu`` says how the members
+        share the machine's cores (alliance/cpulease.py)."""
+        env = {
             **self.server.config.to_env(),
-            contract.ENV_CPU_THREADS: str(threads),
+            contract.ENV_CPU_THREADS: str(cpu.threads),
             contract.ENV_CACHE_DIR: str(self.work_dir / "cache"),
             "TF_CPP_MIN_LOG_LEVEL": "2",
             "PYTHONUNBUFFERED": "1",
         }
+        if cpu.slots is not None:
+            env[contract.ENV_CPU_LEASE] = str(self.work_dir / "cpu-lease")
+            env[contract.ENV_CPU_LEASE_SLOTS] = str(cpu.slots)
+        return env
 
-    def start_members(self, dirs: list[Path], threads: int) -> None:
+    def start_members(self, dirs: list[Path], cpu: CpuPlan) -> None:
         """Start a member agent per data dir, each with its own store identity: its keys read
         what every member needs and write only its own objects (alliance/identities.py)."""
         keys = identities.provision(self.server.config, [d.name for d in dirs])
         for d in dirs:
-            env = {**self.env(threads), **keys[d.name].to_env()}
+            env = {**self.env(cpu), **keys[d.name].to_env()}
             log_path = self.work_dir / "logs" / f"{d.name}.log"
             self.members.append(start_member(d.name, d, env, log_path))
 

@@ -16,6 +16,7 @@ kind and outcome, their seconds, and the last training throughput.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from alliance import contract, weights
 from alliance import metrics as metrics_mod
+from alliance.cpulease import CpuLease
 from alliance.data.datadir import validate_data_dir
 from alliance.data.errors import DataError
 from alliance.data.schema import DataSchema
@@ -59,12 +61,20 @@ class AgentConfig:
     schema: DataSchema | None = None
     train_command: str | None = None
     validate_command: str | None = None
-    poll_seconds: float = 0.1  # while a run is active; backs off to idle_poll_seconds
+    #: Polls of the task list: every poll_seconds for fast_seconds after the member's last
+    #: task or a change of tasks (the next stage usually follows within that), then every
+    #: waiting_poll_seconds while a run counts on it, every idle_poll_seconds when none does.
+    #: A poll costs the member and the store about 2 ms of CPU (README "Performance").
+    poll_seconds: float = 0.1
+    fast_seconds: float = 5.0
+    waiting_poll_seconds: float = 0.3
     idle_poll_seconds: float = 2.0
     heartbeat_seconds: float = 5.0
     cache_dir: Path | None = None
     validator: bool = False  # only test.csv: scores each round's model, never trains
     metrics_port: int = 0  # serve Prometheus metrics on this port; 0: not served
+    #: Members on one machine taking turns on its cores (alliance/cpulease.py); None: no lease.
+    cpu_lease: CpuLease | None = None
 
 
 class Agent:
@@ -124,14 +134,12 @@ class Agent:
                     summary["trainRows"],
                     summary["testRows"],
                 )
-            idle = 0
+            active = time.monotonic()
             while not self._stop.is_set():
-                did = self.poll_once()
-                idle = 0 if did else idle + 1
-                # Fast polling while a run counts on this member (its next stage follows
-                # within a second); slow when no run has asked for it for a while.
-                fast = idle < 50 or self._asked()
-                self._stop.wait(self.config.poll_seconds if fast else self.config.idle_poll_seconds)
+                seen = {key: etag for key, (etag, _) in self._tasks.items()}
+                if self.poll_once() or seen != {k: e for k, (e, _) in self._tasks.items()}:
+                    active = time.monotonic()
+                self._stop.wait(self._poll_interval(time.monotonic() - active))
         finally:
             self._stop.set()
             if server is not None:
@@ -143,6 +151,13 @@ class Agent:
                 )
             except StoreError as exc:
                 log.warning("could not publish the stopped state: %s", exc)
+
+    def _poll_interval(self, quiet_seconds: float) -> float:
+        if quiet_seconds < self.config.fast_seconds:
+            return self.config.poll_seconds
+        if self._asked():
+            return self.config.waiting_poll_seconds
+        return self.config.idle_poll_seconds
 
     def _asked(self) -> bool:
         return any(self.name in task["members"] for _, task in self._tasks.values())
@@ -282,7 +297,9 @@ class Agent:
         try:
             arrays = self._model(task["modelId"])
             if kind == "train":
-                new, metrics = self.trainer().train(arrays, task["epochs"], task["batchSize"])
+                with self._cpu() as waited:
+                    new, metrics = self.trainer().train(arrays, task["epochs"], task["batchSize"])
+                metrics["cpuWaitSeconds"] = waited
                 data = weights.dumps(new)
                 metrics["taskSeconds"] = time.perf_counter() - started
                 self.store.put_update(run, round_, self.name, data, metrics)
@@ -290,7 +307,9 @@ class Agent:
                     metrics, task["epochs"], metrics["taskSeconds"]
                 )
             else:
-                metrics = self.trainer().validate(arrays)
+                with self._cpu() as waited:
+                    metrics = self.trainer().validate(arrays)
+                metrics["cpuWaitSeconds"] = waited
                 metrics["taskSeconds"] = time.perf_counter() - started
                 self.store.put_result(run, round_, "validations", self.name, metrics)
             log.info(
@@ -316,6 +335,12 @@ class Agent:
             )
         self._done.add((run, round_, kind))
         self.tasks_done += 1
+
+    def _cpu(self) -> contextlib.AbstractContextManager[float]:
+        """Computing: with the machine's CPU lease when members take turns on it."""
+        if self.config.cpu_lease is None:
+            return contextlib.nullcontext(0.0)
+        return self.config.cpu_lease.hold(self._stop)
 
     def _report_failure(self, task: dict, reason: str) -> None:
         kind = "failures" if task["kind"] == "train" else "validations"

@@ -26,6 +26,7 @@ down for a while delays the platform instead of failing it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -228,6 +229,10 @@ class Store:
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future:
         return self._pool.submit(fn, *args)
+
+    def watch(self, prefix: str) -> Changes:
+        """Notifications of objects created or removed under ``prefix`` (see Changes)."""
+        return Changes(self._client, self.bucket, prefix)
 
     def ensure_bucket(self) -> None:
         def make() -> None:
@@ -512,6 +517,73 @@ class Store:
 
     def put_run_status(self, run: str, status: dict) -> None:
         self.put_json(run_key(run, "status.json"), status)
+
+
+class Changes:
+    """Wakes a waiter when an object under a prefix is created or removed, so it need not poll.
+
+    MinIO's ListenBucketNotification (served by the chart's MinIO and the embedded gateway,
+    not by every S3 store) streams the bucket's events; a thread holds the stream and
+    reconnects after an error. ``wait(timeout)`` returns True as soon as something changed
+    since the last call. ``live`` is False while there is no stream (a store without
+    notifications, or one that is down): the waiter then polls, as it would without this.
+    Only the coordinator listens: a member could not be kept to the keys it may read, since
+    the store's policies cannot limit a listener to a prefix.
+    """
+
+    EVENTS = ("s3:ObjectCreated:*", "s3:ObjectRemoved:*")
+
+    def __init__(self, client: Minio, bucket: str, prefix: str):
+        import threading
+
+        self._client, self._bucket, self._prefix = client, bucket, prefix
+        self._changed = threading.Event()
+        self._closed = threading.Event()
+        self._stream: Any = None
+        self.live = False
+        self.events = 0
+        self._thread = threading.Thread(target=self._listen, name="store-watch", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout: float) -> bool:
+        changed = self._changed.wait(timeout)
+        self._changed.clear()
+        return changed
+
+    def close(self) -> None:
+        self._closed.set()
+        stream = self._stream
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.close()  # ends the blocked read in the listening thread
+
+    def _listen(self) -> None:
+        delay = 1.0
+        while not self._closed.is_set():
+            try:
+                self._stream = self._client.listen_bucket_notification(
+                    self._bucket, prefix=self._prefix, events=self.EVENTS
+                )
+                self.live = True
+                delay = 1.0
+                self._changed.set()  # whatever happened while there was no stream
+                for _event in self._stream:
+                    self.events += 1
+                    self._changed.set()
+                    if self._closed.is_set():
+                        break
+            except S3Error as exc:
+                if exc.code in ("NotImplemented", "AccessDenied"):  # this store will not tell
+                    log.info("the store sends no notifications (%s): polling", exc.code)
+                    self.live = False
+                    return
+            except Exception as exc:  # the stream broke: reconnect
+                if not self._closed.is_set():
+                    log.info("store notifications interrupted (%s): polling until back", exc)
+            self.live = False
+            self._changed.set()  # wake the waiter: it polls until the stream is back
+            self._closed.wait(delay)
+            delay = min(delay * 2, 30.0)
 
 
 def _read(resp, key: str, max_bytes: int | None) -> bytes:

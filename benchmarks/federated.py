@@ -18,23 +18,33 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import statistics
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from benchmarks.common import PROJECT_ROOT, BenchError, Result, cores, mnist_files, say
 
 RUN = "bench"
-ROUNDS = 3
 MEMBERS = 3
-ACCURACY_TARGET = 0.988
+TARGET = 0.988  # 9f: test accuracy
+REPEATS = 3  # alternations of federated and centralized
+MAX_ROUNDS = 5  # a federated run with the defaults stops at TARGET or after this many rounds
+MAX_EPOCHS = 4  # the centralized run likewise
+ROUNDS = 3  # the comparison recipe
 RATIO_TARGET = 1.1
+TIME_TO_ACCURACY_TARGET = 1.25
 OVERHEAD_TARGET = 1.0  # seconds per round
-HARD_TIMEOUT = 20 * 60  # the whole federated run; a hung member must not hang `make bench`
+CPU_TARGET_PERCENT = 2.0  # of one core, while members train
+HARD_TIMEOUT = 20 * 60  # one federated run; a hung member must not hang `make bench`
 
 
 class _AggregationLog(logging.Handler):
@@ -50,34 +60,127 @@ class _AggregationLog(logging.Handler):
             self.seconds[int(record.args[0])] = float(record.args[-1])
 
 
-def run(work: Path, with_centralized: bool = True) -> tuple[Result, Result]:
+@dataclass
+class FederatedRun:
+    """One run of the embedded alliance: its status, what the members stored, and the CPU the
+    platform's processes used."""
+
+    status: Any
+    members: dict[int, dict]
+    aggregation_seconds: dict[int, float]
+    cpu: CpuSampler
+    member_pids: dict[str, int]
+    parse_seconds: float
+
+
+def run(
+    work: Path,
+    with_centralized: bool = True,
+    repeats: int = REPEATS,
+    cpu_sharing: str = "auto",
+) -> list[Result]:
+    """9a, 9b and 9f: ``repeats`` alternations of a federated run with the platform's defaults
+    (until TARGET, at most MAX_ROUNDS rounds) and a centralized run (until TARGET, at most
+    MAX_EPOCHS epochs), then one run of the 3-round FedAvg recipe for comparison."""
     a = Result("9a", "3 members × 20,000 MNIST rows vs centralized")
-    b = Result("9b", "orchestration overhead per round")
+    b = Result("9b", "orchestration overhead and platform CPU per round")
+    f = Result("9f", "time to 0.988 test accuracy, federated vs centralized")
     train_file, test_file = mnist_files()  # raises Skip
 
+    from alliance import cpulease
     from alliance.data.split import split_dataset
-    from alliance.driver import StoreSink, drive, sleeping
-    from alliance.embedded import EmbeddedAlliance, init_in_subprocess
-    from alliance.engine import RunSpec
 
-    threads = max(1, cores() // MEMBERS)
+    cpu = cpulease.plan(cores(), MEMBERS, cpu_sharing)
     started = time.perf_counter()
     say(f"9a: splitting {train_file.name} and {test_file.name} into {MEMBERS} IID members")
     dirs = split_dataset(train_file, test_file, work / "members", MEMBERS, "iid", seed=0)
     split_seconds = time.perf_counter() - started
+    defaults = default_spec()
+    federated, central = [], []
+    for i in range(1, repeats + 1):
+        say(f"9a: alternation {i}/{repeats}: federated, defaults ({_recipe(defaults)})")
+        federated.append(_federated(work, f"defaults-{i}", dirs, defaults, cpu, stop_at=TARGET))
+        if with_centralized:
+            say(f"9a: alternation {i}/{repeats}: centralized")
+            central.append(_centralized(work, MAX_EPOCHS, TARGET))
+    recipe = recipe_spec()
+    comparison = None
+    if dataclasses.replace(recipe, rounds=defaults.rounds) != defaults and with_centralized:
+        say(f"9f: the 3-round recipe for comparison ({_recipe(recipe)})")
+        comparison = _federated(work, "recipe", dirs, recipe, cpu, stop_at=None)
 
+    _report_9a(a, federated, central, cpu)
+    _report_9b(b, federated)
+    if with_centralized:
+        _report_9f(f, federated, central, comparison, defaults, recipe)
+    for res in (a, b, f):
+        res.details.update(
+            splitSeconds=split_seconds,
+            cpuPlan={"slots": cpu.slots, "threads": cpu.threads, "mode": cpu_sharing},
+            cores=cores(),
+            cpuModel=cpu_model(),
+        )
+    return [a, b, f] if with_centralized else [a, b]
+
+
+def default_spec():
+    """What ``alliance run`` does with no flags but the rounds, on 9a's members."""
+    from alliance.engine import RunSpec
+
+    return RunSpec(
+        rounds=MAX_ROUNDS,
+        min_members=MEMBERS,
+        round_deadline_seconds=900,
+        validation_deadline_seconds=300,
+    )
+
+
+def recipe_spec():
+    """The 3-round recipe 9a was first written for: FedAvg, 1 local epoch, batch 32."""
+    from alliance.engine import RunSpec
+
+    return RunSpec(
+        rounds=ROUNDS,
+        min_members=MEMBERS,
+        local_epochs=1,
+        batch_size=32,
+        aggregator="fedavg",
+        round_deadline_seconds=900,
+        validation_deadline_seconds=300,
+    )
+
+
+def _recipe(spec) -> str:
+    params = ", ".join(f"{k} {v}" for k, v in sorted(spec.aggregator_params.items()))
+    return (
+        f"{spec.aggregator}{f' ({params})' if params else ''}, {spec.local_epochs} local "
+        f"epoch(s), batch {spec.batch_size}"
+    )
+
+
+def _federated(work: Path, name: str, dirs: list[Path], spec, cpu, stop_at: float | None):
+    from alliance.driver import StoreSink, drive
+    from alliance.embedded import EmbeddedAlliance, init_in_subprocess
+
+    home = work / name
+    home.mkdir(parents=True)
+    (work / "cache").mkdir(exist_ok=True)
+    (home / "cache").symlink_to(work / "cache")  # one parse cache for every alternation
     agg_log = _AggregationLog()
     coord_logger = logging.getLogger("alliance.coordinator")
     old_level = coord_logger.level
     coord_logger.addHandler(agg_log)
     coord_logger.setLevel(logging.INFO)
+    (home / "logs").mkdir()
+    file_log = logging.FileHandler(home / "logs" / "coordinator.log")
+    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root_logger = logging.getLogger("alliance")
+    root_level = root_logger.level
+    root_logger.addHandler(file_log)
+    root_logger.setLevel(logging.INFO)
     try:
-        with EmbeddedAlliance(work) as alliance:
-            env = {**os.environ, **alliance.env(threads)}
-            say(
-                f"9a: parsing the members' data once (alliance check-data, cache in "
-                f"{work / 'cache'})"
-            )
+        with EmbeddedAlliance(home) as alliance:
+            env = {**os.environ, **alliance.env(cpu)}
             t0 = time.perf_counter()
             checks = [
                 subprocess.Popen(
@@ -95,77 +198,68 @@ def run(work: Path, with_centralized: bool = True) -> tuple[Result, Result]:
                     raise BenchError(f"check-data {d.name} failed: {out.strip()[-500:]}")
             parse_seconds = time.perf_counter() - t0
 
-            init = init_in_subprocess(alliance.env(threads), work / "logs" / "init.log", None, 0)
-            alliance.start_members(dirs, threads)
+            init = init_in_subprocess(alliance.env(cpu), home / "logs" / "init.log", None, 0)
+            alliance.start_members(dirs, cpu)
             say(
-                f"9a: S3 gateway at {alliance.server.endpoint}; {MEMBERS} member agents with "
-                f"ALLIANCE_CPU_THREADS={threads}; logs in {work / 'logs'}"
+                f"9a: S3 gateway at {alliance.server.endpoint}; {MEMBERS} member agents, "
+                f"{cpu.describe(MEMBERS)}; logs in {home / 'logs'}"
             )
-            spec = RunSpec(
-                rounds=ROUNDS,
-                min_members=MEMBERS,
-                local_epochs=1,
-                batch_size=32,
-                aggregator="fedavg",
-                round_deadline_seconds=900,
-                validation_deadline_seconds=300,
-                seed=0,
-            )
+            alliance.wait_until_ready(check=lambda: _init_ok(init, home))
             deadline = time.monotonic() + HARD_TIMEOUT
+            progress = _Progress(spec.rounds)
+            sink = StoreSink(alliance.store, RUN, on_change=progress)
 
-            def lost() -> set[str]:
-                if init.poll() not in (None, 0):
-                    raise BenchError(f"alliance init failed; see {work / 'logs' / 'init.log'}")
+            def stop(seconds: float) -> bool:
+                time.sleep(seconds)
+                _init_ok(init, home)
                 if time.monotonic() > deadline:
                     raise BenchError(f"the federated run took over {HARD_TIMEOUT} s")
-                return alliance.lost()
+                return stop_at is not None and progress.best >= stop_at
 
-            try:
-                sink = StoreSink(alliance.store, RUN, on_change=_Progress())
+            pids = {m.name: m.process.pid for m in alliance.members}
+            with CpuSampler({"gateway": alliance.server.process.pid, **pids}) as sampler:
                 status = drive(
-                    alliance.store, RUN, spec, sink, sleeping(), lost=lost, members=alliance.names
+                    alliance.store,
+                    RUN,
+                    spec,
+                    sink,
+                    stop,
+                    lost=alliance.lost,
+                    members=alliance.names,
                 )
-                init.wait()
-            finally:
-                if init.poll() is None:  # the run failed before the seed model was written
-                    init.terminate()
-                    init.wait()
-            if status.phase != "Completed":
+            init.wait()
+            if status.phase == "Failed" or not status.history:
                 raise BenchError(f"the run ended {status.phase}: {status.message}")
             members = _member_metrics(alliance.store, status)
     finally:
         coord_logger.removeHandler(agg_log)
         coord_logger.setLevel(old_level)
+        root_logger.removeHandler(file_log)
+        root_logger.setLevel(root_level)
+        file_log.close()
+    return FederatedRun(status, members, agg_log.seconds, sampler, pids, parse_seconds)
 
-    central = _centralized(work) if with_centralized else None
-    _report(a, b, status, members, agg_log.seconds, central)
-    a.row(
-        "members' data parsed before the run (3 × alliance check-data, in parallel)",
-        f"{parse_seconds:.1f} s; the agents read the parse cache, not in the round times",
-        value=parse_seconds,
-    )
-    for res in (a, b):
-        res.details.update(
-            splitSeconds=split_seconds,
-            parseSeconds=parse_seconds,
-            threadsPerMember=threads,
-            cores=cores(),
-        )
-    return a, b
+
+def _init_ok(init, home: Path) -> None:
+    if init.poll() not in (None, 0):
+        raise BenchError(f"alliance init failed; see {home / 'logs' / 'init.log'}")
 
 
 class _Progress:
-    def __init__(self) -> None:
+    def __init__(self, rounds: int) -> None:
+        self.rounds = rounds
         self.stage: tuple = ()
         self.reported: set[int] = set()
+        self.best = 0.0  # the best global accuracy so far
 
     def __call__(self, status) -> None:
         for r in status.history:
             if r.finished_at and r.round not in self.reported:
                 self.reported.add(r.round)
+                self.best = max(self.best, r.accuracy or 0.0)
                 acc = "-" if r.accuracy is None else f"{r.accuracy:.4f}"
                 say(
-                    f"9a: round {r.round}/{ROUNDS} done in {r.seconds:.1f} s "
+                    f"9a: round {r.round}/{self.rounds} done in {r.seconds:.1f} s "
                     f"(slowest fit {r.train_seconds:.1f} s, slowest validation "
                     f"{r.validation_seconds:.1f} s), accuracy {acc}"
                 )
@@ -190,16 +284,25 @@ def _member_metrics(store, status) -> dict[int, dict]:
             _, meta = store.get_update(RUN, r.round, m)
             updates[m] = {
                 k: meta.get(k)
-                for k in ("seconds", "taskSeconds", "loss", "samplesPerSecond", "numExamples")
+                for k in (
+                    "seconds",
+                    "taskSeconds",
+                    "cpuWaitSeconds",
+                    "loss",
+                    "samplesPerSecond",
+                    "numExamples",
+                )
             }
             when = stored.get(f"updates/{m}.npz")
+            updates[m]["storedAt"] = when
             if when and meta.get("taskSeconds") is not None:
                 updates[m]["pickupSeconds"] = when - meta["taskSeconds"] - r.started_at
         validations = {}
         for m in status.validators:
             v = store.get_json(f"{prefix}validations/{m}.json") or {}
             validations[m] = {
-                k: v.get(k) for k in ("seconds", "taskSeconds", "accuracy", "numExamples")
+                k: v.get(k)
+                for k in ("seconds", "taskSeconds", "cpuWaitSeconds", "accuracy", "numExamples")
             }
             when = stored.get(f"validations/{m}.json")
             if when and v.get("taskSeconds") is not None:
@@ -208,7 +311,7 @@ def _member_metrics(store, status) -> dict[int, dict]:
     return out
 
 
-def _centralized(work: Path) -> dict:
+def _centralized(work: Path, epochs: int, until: float) -> dict:
     data_dir = mnist_files()[0].parent
     say("9a: centralized baseline in a separate process (default threading, all cores)")
     log_path = work / "logs" / "centralized.log"
@@ -224,7 +327,9 @@ def _centralized(work: Path) -> dict:
                 "--cache-dir",
                 str(work / "cache"),
                 "--epochs",
-                "1",
+                str(epochs),
+                "--until",
+                str(until),
                 "--batch-size",
                 "32",
             ],
@@ -248,116 +353,266 @@ def _centralized(work: Path) -> dict:
         raise BenchError("the centralized baseline failed: " + " | ".join(tail))
     result = json.loads(last)
     say(
-        f"9a: centralized epoch: fit {result['fitSeconds']:.1f} s + evaluate "
+        f"9a: centralized epoch 1: fit {result['fitSeconds']:.1f} s + evaluate "
         f"{result['evalSeconds']:.1f} s = {result['seconds']:.1f} s, accuracy "
         f"{result['accuracy']:.4f}"
     )
     return result
 
 
-def _report(
-    a: Result, b: Result, status, members: dict, agg_seconds: dict[int, float], central: dict | None
-) -> None:
-    rounds = []
-    for r in status.history:
-        m = members.get(r.round, {"updates": {}, "validations": {}})
-        task_over_fit = [
-            (u["taskSeconds"] or 0) - (u["seconds"] or 0) for u in m["updates"].values()
-        ]
-        val_over_eval = [
-            (v["taskSeconds"] or 0) - (v["seconds"] or 0) for v in m["validations"].values()
-        ]
-        training_stage = r.aggregated_at - r.started_at  # to the aggregate being observed
-        validation_stage = r.finished_at - r.aggregated_at
-        rounds.append(
+def _rounds(fr: FederatedRun) -> list[dict]:
+    """Per round: times, accuracy, the orchestration overhead and the platform's CPU."""
+    out = []
+    for r in fr.status.history:
+        m = fr.members.get(r.round, {"updates": {}, "validations": {}})
+        ups, vals = m["updates"].values(), m["validations"].values()
+        # The slowest member's computation, with its wait for the CPU lease when members
+        # take turns (their fits then follow one another).
+        fit = max(((u["seconds"] or 0) + (u["cpuWaitSeconds"] or 0) for u in ups), default=0)
+        evaluate = max(((v["seconds"] or 0) + (v["cpuWaitSeconds"] or 0) for v in vals), default=0)
+        fit, evaluate = fit or r.train_seconds, evaluate or r.validation_seconds
+        training = r.aggregated_at - r.started_at  # to the aggregate being observed
+        gateway_training = fr.cpu.used("gateway", r.started_at, r.aggregated_at)
+        coordinator_training = fr.cpu.used("coordinator", r.started_at, r.aggregated_at)
+        platform_training = gateway_training + coordinator_training
+        idle_members = sum(
+            fr.cpu.used(name, u["storedAt"], r.aggregated_at)
+            for name, u in m["updates"].items()
+            if u.get("storedAt") and u["storedAt"] < r.aggregated_at
+        )
+        out.append(
             {
                 "round": r.round,
                 "seconds": r.seconds,
                 "accuracy": r.accuracy,
                 "loss": r.loss,
                 "trainLoss": r.train_loss,
-                "trainSeconds": r.train_seconds,
-                "validationSeconds": r.validation_seconds,
-                "overheadSeconds": r.seconds - r.train_seconds - r.validation_seconds,
-                "trainingStageSeconds": training_stage,
-                "validationStageSeconds": validation_stage,
-                "trainingStageOverhead": training_stage - r.train_seconds,
-                "validationStageOverhead": validation_stage - r.validation_seconds,
-                "aggregationSeconds": agg_seconds.get(r.round),
-                # In the member, around fit: model download, set/get_weights, serialization
-                # (and in round 1 the TensorFlow import and model build).
-                "memberTaskMinusFitMax": max(task_over_fit, default=None),
-                "memberPickupMax": max(
-                    (u.get("pickupSeconds", 0.0) for u in m["updates"].values()), default=None
-                ),
+                "fitSeconds": fit,
+                "evaluateSeconds": evaluate,
+                "overheadSeconds": r.seconds - fit - evaluate,
+                "trainingStageSeconds": training,
+                "trainingStageOverhead": training - fit,
+                "validationStageOverhead": r.finished_at - r.aggregated_at - evaluate,
+                "aggregationSeconds": fr.aggregation_seconds.get(r.round),
+                "memberPickupMax": max((u.get("pickupSeconds", 0.0) for u in ups), default=None),
                 "validatorPickupMax": max(
-                    (v.get("pickupSeconds", 0.0) for v in m["validations"].values()),
-                    default=None,
+                    (v.get("pickupSeconds", 0.0) for v in vals), default=None
                 ),
-                "validatorTaskMinusEvalMax": max(val_over_eval, default=None),
+                # CPU seconds of the gateway and the coordinator over the whole round.
+                "platformCpuSeconds": fr.cpu.used("gateway", r.started_at, r.finished_at)
+                + fr.cpu.used("coordinator", r.started_at, r.finished_at),
+                # While members train: the gateway, the coordinator, and each member from its
+                # update's upload to the aggregation (idle, waiting for the next stage).
+                "platformCpuTrainingPercent": 100
+                * (platform_training + idle_members)
+                / max(training, 1e-9),
+                "idleMemberCpuSeconds": idle_members,
+                "gatewayCpuTrainingSeconds": gateway_training,
+                "coordinatorCpuTrainingSeconds": coordinator_training,
                 "members": m,
             }
         )
-    a.details["rounds"] = rounds
-    for r in rounds:
-        a.row(
-            f"round {r['round']}: wall time, accuracy",
-            f"{r['seconds']:.1f} s, {r['accuracy']:.4f}",
-            value=r["seconds"],
-        )
-    final = rounds[-1]["accuracy"]
-    a.row(
-        "final accuracy (10,000 test rows)",
-        f"{final:.4f}",
-        f"≥ {ACCURACY_TARGET}",
-        final >= ACCURACY_TARGET,
-        final,
-    )
-    if central is not None:
-        a.details["centralized"] = central
-        c = central["seconds"]
-        a.row(
-            "centralized 1 epoch: fit + evaluate, accuracy",
-            f"{central['fitSeconds']:.1f} s + {central['evalSeconds']:.1f} s = {c:.1f} s, "
-            f"{central['accuracy']:.4f}",
-            value=c,
-        )
-        later = [r["seconds"] for r in rounds[1:]] or [rounds[0]["seconds"]]
+    return out
+
+
+def _report_9a(a: Result, federated: list[FederatedRun], central: list[dict], cpu) -> None:
+    ratios, later_ratios = [], []
+    for i, fr in enumerate(federated):
+        rounds = _rounds(fr)
+        curve = " · ".join(f"{r['seconds']:.1f} s / {r['accuracy']:.4f}" for r in rounds)
         every = [r["seconds"] for r in rounds]
-        r23 = sum(later) / len(later) / c
-        rall = sum(every) / len(every) / c
-        a.details["ratioRounds2to3"] = r23
-        a.details["ratioAllRounds"] = rall
+        if i < len(central):
+            c = central[i]["seconds"]
+            ratio = sum(every) / len(every) / c
+            later = every[1:] or every
+            ratios.append(ratio)
+            later_ratios.append(sum(later) / len(later) / c)
+            a.row(
+                f"alternation {i + 1}: rounds (wall / accuracy); centralized epoch 1",
+                f"{curve}; {central[i]['fitSeconds']:.1f} + {central[i]['evalSeconds']:.1f} = "
+                f"{c:.1f} s / {central[i]['accuracy']:.4f}; ratio {ratio:.2f}",
+                value=ratio,
+            )
+        else:
+            a.row(f"run {i + 1}: rounds (wall / accuracy)", curve, value=every[0])
+    a.details["alternations"] = [
+        {"rounds": _rounds(fr), "parseSeconds": fr.parse_seconds} for fr in federated
+    ]
+    a.details["centralized"] = central
+    a.details["cpuSharing"] = cpu.describe(MEMBERS)
+    if ratios:
+        med = statistics.median(ratios)
+        a.details.update(ratioMedian=med, ratios=ratios, ratiosRounds2on=later_ratios)
         a.row(
-            "mean round wall time, rounds 2-3 ÷ centralized epoch",
-            f"{r23:.2f}",
+            f"mean round wall time ÷ centralized epoch, median of {len(ratios)} alternations "
+            f"(members {cpu.describe(MEMBERS)})",
+            f"{med:.2f} (spread {min(ratios):.2f}–{max(ratios):.2f}; rounds 2 on: "
+            f"{statistics.median(later_ratios):.2f})",
             f"≤ {RATIO_TARGET}",
-            r23 <= RATIO_TARGET,
-            r23,
-        )
-        a.row(
-            "mean round wall time, rounds 1-3 ÷ centralized epoch",
-            f"{rall:.2f}",
-            f"≤ {RATIO_TARGET}",
-            rall <= RATIO_TARGET,
-            rall,
+            med <= RATIO_TARGET,
+            med,
         )
 
-    for r in rounds:
-        agg = "-" if r["aggregationSeconds"] is None else f"{r['aggregationSeconds']:.2f}"
+
+def _report_9b(b: Result, federated: list[FederatedRun]) -> None:
+    per_round: dict[int, list[dict]] = {}
+    for fr in federated:
+        for r in _rounds(fr):
+            per_round.setdefault(r["round"], []).append(r)
+    for n, rs in sorted(per_round.items()):
+        over = statistics.median(r["overheadSeconds"] for r in rs)
+        cpu_s = statistics.median(r["platformCpuSeconds"] for r in rs)
+        pct = statistics.median(r["platformCpuTrainingPercent"] for r in rs)
+        agg = statistics.median(r["aggregationSeconds"] or 0 for r in rs)
+        pick = statistics.median(r["validatorPickupMax"] or 0 for r in rs)
         b.row(
-            f"round {r['round']}: wall − slowest fit − slowest validation",
-            f"{r['overheadSeconds']:.2f} s = training stage "
-            f"{r['trainingStageOverhead']:.2f} (member task − fit ≤ "
-            f"{_num(r['memberTaskMinusFitMax'])}, pick-up ≤ {_num(r['memberPickupMax'])}, "
-            f"aggregation {agg}) + validation stage {r['validationStageOverhead']:.2f} "
-            f"(pick-up ≤ {_num(r['validatorPickupMax'])})",
+            f"round {n} ({len(rs)} runs, medians): wall − slowest fit − slowest validation",
+            f"{over:.2f} s (aggregation {agg:.2f}, validators' pick-up ≤ {pick:.2f})",
             f"≤ {OVERHEAD_TARGET:.0f} s",
-            r["overheadSeconds"] <= OVERHEAD_TARGET,
-            r["overheadSeconds"],
+            over <= OVERHEAD_TARGET,
+            over,
         )
-    b.details["rounds"] = [{k: v for k, v in r.items() if k != "members"} for r in rounds]
+        b.row(
+            f"round {n}: CPU of the gateway + coordinator over the round; platform CPU while "
+            "members train (gateway, coordinator, idle members)",
+            f"{cpu_s:.2f} s; {pct:.2f} % of one core",
+            f"< {CPU_TARGET_PERCENT:.0f} %",
+            pct < CPU_TARGET_PERCENT,
+            pct,
+        )
+    b.details["rounds"] = [
+        [{k: v for k, v in r.items() if k != "members"} for r in _rounds(fr)] for fr in federated
+    ]
+
+
+def _time_to(target: float, rounds: list[dict]) -> tuple[float | None, int | None]:
+    """Seconds from the start of round 1 to the end of the first round at ``target``."""
+    total = 0.0
+    for r in rounds:
+        total = r["end"]
+        if r["accuracy"] is not None and r["accuracy"] >= target:
+            return total, r["n"]
+    return None, None
+
+
+def _report_9f(f, federated, central, comparison, defaults, recipe) -> None:
+    ratios = []
+    for i, fr in enumerate(federated):
+        start = fr.status.history[0].started_at
+        fed = [
+            {"n": r.round, "end": r.finished_at - start, "accuracy": r.accuracy}
+            for r in fr.status.history
+        ]
+        ends, cen = 0.0, []
+        for e in central[i]["epochs"]:
+            ends += e["seconds"]
+            cen.append({"n": e["epoch"], "end": ends, "accuracy": e["accuracy"]})
+        t_fed, n_fed = _time_to(TARGET, fed)
+        t_cen, n_cen = _time_to(TARGET, cen)
+        ratio = t_fed / t_cen if t_fed and t_cen else None
+        if ratio is not None:
+            ratios.append(ratio)
+        f.row(
+            f"alternation {i + 1}: federated (defaults) per round; centralized per epoch",
+            f"{_curve(fed)}; {_curve(cen)} → {TARGET} after {_num(t_fed)} s (round {n_fed}) "
+            f"vs {_num(t_cen)} s (epoch {n_cen}): ratio {_num(ratio)}",
+            value=ratio,
+        )
+    if comparison is not None:
+        start = comparison.status.history[0].started_at
+        rec = [
+            {"n": r.round, "end": r.finished_at - start, "accuracy": r.accuracy}
+            for r in comparison.status.history
+        ]
+        t_rec, _ = _time_to(TARGET, rec)
+        f.row(
+            f"for comparison, the 3-round recipe ({_recipe(recipe)}) per round",
+            f"{_curve(rec)}; {TARGET} " + (f"after {t_rec:.1f} s" if t_rec else "not reached"),
+            value=t_rec,
+        )
+        f.details["recipe"] = rec
+    med = statistics.median(ratios) if len(ratios) == len(federated) else None
+    f.row(
+        f"time to {TARGET}, federated with the defaults ({_recipe(defaults)}) ÷ centralized, "
+        f"median of {len(federated)}",
+        "not reached in every run"
+        if med is None
+        else f"{med:.2f} (spread {min(ratios):.2f}–{max(ratios):.2f})",
+        f"≤ {TIME_TO_ACCURACY_TARGET}",
+        med is not None and med <= TIME_TO_ACCURACY_TARGET,
+        med,
+    )
+    f.details.update(ratios=ratios, ratioMedian=med, defaults=defaults.to_dict())
+
+
+def _curve(points: list[dict]) -> str:
+    return " ".join(f"{p['accuracy']:.4f}" for p in points)
 
 
 def _num(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
+
+
+class CpuSampler:
+    """Samples the CPU seconds of some processes (and this one: the coordinator) every
+    ``interval``; ``used(name, t0, t1)`` interpolates between samples (wall-clock times)."""
+
+    def __init__(self, pids: dict[str, int], interval: float = 0.2):
+        self.pids = {**pids, "coordinator": os.getpid()}
+        self.interval = interval
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="cpu-sampler")
+
+    def __enter__(self) -> CpuSampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def _sample(self) -> None:
+        now = time.time()
+        self.samples.append((now, {n: _cpu_seconds(p) for n, p in self.pids.items()}))
+
+    def used(self, name: str, t0: float, t1: float) -> float:
+        return max(0.0, self._at(name, t1) - self._at(name, t0))
+
+    def _at(self, name: str, t: float) -> float:
+        prev = None
+        for when, values in self.samples:
+            if when >= t:
+                if prev is None or values.get(name) is None or prev[1].get(name) is None:
+                    return values.get(name) or 0.0
+                w0, v0 = prev[0], prev[1][name]
+                return v0 + (values[name] - v0) * (t - w0) / max(when - w0, 1e-9)
+            prev = (when, values)
+        return (self.samples[-1][1].get(name) or 0.0) if self.samples else 0.0
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name, and whether it has AVX-512 (TensorFlow's kernels differ)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if "model name" in ln), "")
+    flags = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{name or 'unknown'} ({simd})"

@@ -26,6 +26,7 @@ BENCHMARKS = {
     "9c": "FedAvg time and peak memory for K = 2 ... 64 CNN-sized updates",
     "9d": "the coordinator with 1,000 simulated members",
     "9e": "orchestration overhead per round with the Kubernetes operator",
+    "9f": "time to 0.988 test accuracy, federated (defaults) vs centralized (from 9a's runs)",
 }
 
 EPILOG = """\
@@ -118,6 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--members", type=int, default=1000, help="9d: number of simulated members (default 1000)"
     )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="9a/9b/9f: alternations of a federated and a centralized run (default 3)",
+    )
+    p.add_argument(
+        "--cpu-sharing",
+        default="auto",
+        help="9a/9b/9f: how the members share the cores, as `alliance run --cpu-sharing` "
+        "(default auto)",
+    )
     return p
 
 
@@ -141,12 +154,18 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     results: list[Result] = []
 
-    if "9a" in selected or "9b" in selected:
+    if {"9a", "9b", "9f"} & set(selected):
         from benchmarks import federated
 
-        wanted = [k for k in ("9a", "9b") if k in selected]
+        wanted = [k for k in ("9a", "9b", "9f") if k in selected]
         out = _guard(
-            wanted, lambda: federated.run(work / "federated", with_centralized="9a" in selected)
+            wanted,
+            lambda: federated.run(
+                work / "federated",
+                with_centralized="9a" in selected or "9f" in selected,
+                repeats=args.repeats,
+                cpu_sharing=args.cpu_sharing,
+            ),
         )
         results += [r for r in out if r.bench in wanted]
     if "9c" in selected:

@@ -252,3 +252,14 @@ def test_without_a_schema_the_agent_uses_the_one_the_alliance_was_made_with(stor
         agent.stop()
         thread.join(10)
     assert beat["trainRows"] == 2 and beat["schema"]["featureShape"] == [2, 2, 1]
+
+
+def test_polling_slows_down_once_the_next_stage_is_not_near(tmp_path):
+    """Fast right after a task (the next stage usually follows within seconds), slower while
+    a run still counts on the member, slowest when none does: a poll costs CPU."""
+    agent = Agent(None, AgentConfig(name="m", data_dir=tmp_path))
+    cfg = agent.config
+    assert agent._poll_interval(0.0) == cfg.poll_seconds == 0.1
+    assert agent._poll_interval(cfg.fast_seconds + 1) == cfg.idle_poll_seconds
+    agent._tasks["tasks/r.json"] = ("etag", {"members": ["m"]})
+    assert agent._poll_interval(cfg.fast_seconds + 1) == cfg.waiting_poll_seconds

@@ -74,6 +74,43 @@ def test_invalid_run_flags_are_clear_errors(tmp_path):
     assert result.stderr.strip() == "error: spec.rounds: must be at least 1, got 0"
 
 
+def test_an_unknown_cpu_sharing_is_a_clear_error(tmp_path):
+    result = run_cli("run", "--cpu-sharing", "fast", "--work-dir", tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "error: CPU sharing 'fast': use auto, turns, shared or a number of members at once"
+    )
+
+
+@pytest.mark.slow
+def test_members_taking_turns_train_one_at_a_time(tmp_path, small_dataset):
+    work = tmp_path / "work"
+    result = run_cli(
+        "run",
+        "--data-dir",
+        small_dataset,
+        "--members",
+        2,
+        "--rounds",
+        1,
+        "--cpu-sharing",
+        "turns",
+        "--work-dir",
+        work,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    cores = len(os.sched_getaffinity(0))
+    assert f"taking turns, {cores} CPU thread(s) each" in result.stdout
+    assert (work / "cpu-lease" / "cpu-lease.0").exists()
+    # Each member logs its task with the seconds it waited for the lease: one trained at
+    # once, the other waited for it.
+    waits = sorted(
+        float(re.search(r"train done .*cpuWaitSeconds ([\d.]+)", log.read_text()).group(1))
+        for log in (work / "logs").glob("member-*.log")
+    )
+    assert len(waits) == 2 and waits[0] < 0.5 < waits[1], waits
+
+
 @pytest.mark.slow
 def test_run_trains_and_predict_labels_a_csv(tmp_path, small_dataset):
     work = tmp_path / "work"

@@ -1,5 +1,6 @@
 """The coordinator against a real S3 server, with members simulated through the store."""
 
+import threading
 import time
 
 import numpy as np
@@ -314,3 +315,43 @@ def test_drive_saves_every_decision_and_stops_when_told(alliance):
     )
     assert status.phase == Phase.COMPLETED and len(status.history) == 1  # the pinned spec
     assert RunStatus.from_dict(store.get_run_status(RUN)) == status
+
+
+def test_drive_waits_on_store_notifications_not_on_polls(alliance, monkeypatch):
+    """While members train the loop sends no request; an update wakes it within a second."""
+    store, _ = alliance
+    lists = []
+    real = store.list_round
+    monkeypatch.setattr(store, "list_round", lambda *a, **k: lists.append(1) or real(*a, **k))
+    done = []
+    runner = threading.Thread(
+        target=lambda: done.append(
+            drive(store, RUN, RunSpec(rounds=1, min_members=3), StoreSink(store, RUN), sleeping())
+        )
+    )
+    runner.start()
+    try:
+        deadline = time.monotonic() + 20
+        while store.get_json(f"tasks/{RUN}.json") is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        before = len(lists)
+        time.sleep(2.0)  # members "training": at 0.05 s polls this would be 40 listings
+        assert len(lists) - before <= 1
+        started = time.monotonic()
+        for m in ("a", "b", "c"):
+            train(store, m, 1, 1.0, 10)
+        while (store.get_json(f"tasks/{RUN}.json") or {}).get("kind") != "validate":
+            assert time.monotonic() - started < 1.5, "the last update did not wake the loop"
+            time.sleep(0.01)
+        started = time.monotonic()
+        for m in ("a", "b", "c"):
+            validate(store, m, 1, 0.9)
+        runner.join(timeout=10)
+        assert done and done[0].phase == Phase.COMPLETED
+        assert time.monotonic() - started < 1.5, "the last validation did not wake the loop"
+    finally:
+        if runner.is_alive():
+            for m in ("a", "b", "c"):
+                validate(store, m, 1, 0.9)
+            runner.join(timeout=10)

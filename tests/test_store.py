@@ -140,3 +140,22 @@ def test_json_that_stays_invalid_is_a_clear_error(store):
     store.put_bytes("bad.json", b"{not json")
     with pytest.raises(StoreError, match=r"bad\.json: not valid JSON"):
         store.get_json("bad.json")
+
+
+def test_changes_wake_a_waiter_for_its_prefix_only(store):
+    changes = store.watch("runs/r/rounds/")
+    try:
+        deadline = time.monotonic() + 10
+        while not changes.live and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert changes.live, "the gateway serves bucket notifications"
+        changes.wait(0)  # the wake-up every new stream starts with
+        store.put_json("runs/r/status.json", {})  # outside the prefix
+        assert not changes.wait(0.5)
+        started = time.monotonic()
+        store.put_json("runs/r/rounds/00001/validations/m.json", {})
+        assert changes.wait(5)
+        assert time.monotonic() - started < 1.0
+        assert not changes.wait(0.2)  # once per change
+    finally:
+        changes.close()
