@@ -537,7 +537,11 @@ class Changes:
         import threading
 
         self._client, self._bucket, self._prefix = client, bucket, prefix
-        self._changed = threading.Event()
+        # A counter under a condition, not an Event: a change that lands while the waiter
+        # wakes up for another reason is never cleared unseen.
+        self._changed = threading.Condition()
+        self._count = 0
+        self._seen = 0
         self._closed = threading.Event()
         self._stream: Any = None
         self.live = False
@@ -546,9 +550,16 @@ class Changes:
         self._thread.start()
 
     def wait(self, timeout: float) -> bool:
-        changed = self._changed.wait(timeout)
-        self._changed.clear()
+        with self._changed:
+            if self._count == self._seen:
+                self._changed.wait(timeout)
+            changed, self._seen = self._count != self._seen, self._count
         return changed
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._count += 1
+            self._changed.notify_all()
 
     def close(self) -> None:
         self._closed.set()
@@ -566,10 +577,10 @@ class Changes:
                 )
                 self.live = True
                 delay = 1.0
-                self._changed.set()  # whatever happened while there was no stream
+                self._notify()  # whatever happened while there was no stream
                 for _event in self._stream:
                     self.events += 1
-                    self._changed.set()
+                    self._notify()
                     if self._closed.is_set():
                         break
             except S3Error as exc:
@@ -581,7 +592,7 @@ class Changes:
                 if not self._closed.is_set():
                     log.info("store notifications interrupted (%s): polling until back", exc)
             self.live = False
-            self._changed.set()  # wake the waiter: it polls until the stream is back
+            self._notify()  # wake the waiter: it polls until the stream is back
             self._closed.wait(delay)
             delay = min(delay * 2, 30.0)
 

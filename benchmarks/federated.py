@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -30,6 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from benchmarks.common import PROJECT_ROOT, BenchError, Result, cores, mnist_files, say
 
@@ -78,6 +80,7 @@ def run(
     with_centralized: bool = True,
     repeats: int = REPEATS,
     cpu_sharing: str = "auto",
+    compare_polling: bool = True,
 ) -> list[Result]:
     """9a, 9b and 9f: ``repeats`` alternations of a federated run with the platform's defaults
     (until TARGET, at most MAX_ROUNDS rounds) and a centralized run (until TARGET, at most
@@ -108,9 +111,13 @@ def run(
     if dataclasses.replace(recipe, rounds=defaults.rounds) != defaults and with_centralized:
         say(f"9f: the 3-round recipe for comparison ({_recipe(recipe)})")
         comparison = _federated(work, "recipe", dirs, recipe, cpu, stop_at=None)
+    polling = None
+    if compare_polling:
+        say("9b: for comparison, the coordinator polling the store every 0.05 s")
+        polling = _federated(work, "polling", dirs, recipe, cpu, stop_at=None, notify=False)
 
     _report_9a(a, federated, central, cpu)
-    _report_9b(b, federated)
+    _report_9b(b, federated, polling)
     if with_centralized:
         _report_9f(f, federated, central, comparison, defaults, recipe)
     for res in (a, b, f):
@@ -158,9 +165,13 @@ def _recipe(spec) -> str:
     )
 
 
-def _federated(work: Path, name: str, dirs: list[Path], spec, cpu, stop_at: float | None):
+def _federated(
+    work: Path, name: str, dirs: list[Path], spec, cpu, stop_at: float | None, notify: bool = True
+):
+    """One federated run; ``notify`` False: the coordinator polls, as before notifications."""
     from alliance.driver import StoreSink, drive
     from alliance.embedded import EmbeddedAlliance, init_in_subprocess
+    from alliance.store import Store
 
     home = work / name
     home.mkdir(parents=True)
@@ -217,7 +228,10 @@ def _federated(work: Path, name: str, dirs: list[Path], spec, cpu, stop_at: floa
                 return stop_at is not None and progress.best >= stop_at
 
             pids = {m.name: m.process.pid for m in alliance.members}
-            with CpuSampler({"gateway": alliance.server.process.pid, **pids}) as sampler:
+            polls = contextlib.nullcontext()
+            if not notify:
+                polls = mock.patch.object(Store, "watch", lambda self, prefix: _NoChanges())
+            with polls, CpuSampler({"gateway": alliance.server.process.pid, **pids}) as sampler:
                 status = drive(
                     alliance.store,
                     RUN,
@@ -228,6 +242,8 @@ def _federated(work: Path, name: str, dirs: list[Path], spec, cpu, stop_at: floa
                     members=alliance.names,
                 )
             init.wait()
+            # Stopped at the target, the next round may have begun: only finished rounds count.
+            status.history = [r for r in status.history if r.finished_at]
             if status.phase == "Failed" or not status.history:
                 raise BenchError(f"the run ended {status.phase}: {status.message}")
             members = _member_metrics(alliance.store, status)
@@ -238,6 +254,18 @@ def _federated(work: Path, name: str, dirs: list[Path], spec, cpu, stop_at: floa
         root_logger.setLevel(root_level)
         file_log.close()
     return FederatedRun(status, members, agg_log.seconds, sampler, pids, parse_seconds)
+
+
+class _NoChanges:
+    """A store that sends no notifications: the driver polls every POLL_SECONDS."""
+
+    live = False
+
+    def wait(self, timeout: float) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
 
 
 def _init_ok(init, home: Path) -> None:
@@ -454,7 +482,7 @@ def _report_9a(a: Result, federated: list[FederatedRun], central: list[dict], cp
         )
 
 
-def _report_9b(b: Result, federated: list[FederatedRun]) -> None:
+def _report_9b(b: Result, federated: list[FederatedRun], polling: FederatedRun | None) -> None:
     per_round: dict[int, list[dict]] = {}
     for fr in federated:
         for r in _rounds(fr):
@@ -483,6 +511,17 @@ def _report_9b(b: Result, federated: list[FederatedRun]) -> None:
     b.details["rounds"] = [
         [{k: v for k, v in r.items() if k != "members"} for r in _rounds(fr)] for fr in federated
     ]
+    if polling is not None:
+        rs = _rounds(polling)
+        b.row(
+            "for comparison, the coordinator polling every 0.05 s (as before notifications), "
+            "rounds 1-3: overhead; platform CPU while members train",
+            " · ".join(f"{r['overheadSeconds']:.2f} s" for r in rs)
+            + "; "
+            + " · ".join(f"{r['platformCpuTrainingPercent']:.2f} %" for r in rs),
+            value=statistics.median(r["platformCpuTrainingPercent"] for r in rs),
+        )
+        b.details["pollingRounds"] = [{k: v for k, v in r.items() if k != "members"} for r in rs]
 
 
 def _time_to(target: float, rounds: list[dict]) -> tuple[float | None, int | None]:

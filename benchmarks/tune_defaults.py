@@ -23,16 +23,19 @@ from benchmarks.common import cores, mnist_files, say
 TARGET = 0.988
 
 
-def parse_candidate(text: str) -> tuple[str, dict]:
+def parse_candidate(text: str) -> tuple[str, dict, dict]:
+    """``name:param=v,...`` with the members' own settings as ``lr=`` (Adam's learning rate),
+    ``epochs=`` and ``batch=``; the rest are the strategy's parameters."""
     name, _, params = text.partition(":")
-    values = {}
+    values, local = {}, {}
     for part in filter(None, params.split(",")):
         key, _, value = part.partition("=")
-        values[key.strip()] = float(value)
-    return name.strip(), values
+        key = key.strip()
+        (local if key in ("lr", "epochs", "batch") else values)[key] = float(value)
+    return name.strip(), values, local
 
 
-def simulate(name, params, members, test, rounds, epochs, batch_size) -> list[dict]:
+def simulate(name, params, local, members, test, rounds, epochs, batch_size) -> list[dict]:
     import keras
 
     from alliance import strategies
@@ -42,6 +45,11 @@ def simulate(name, params, members, test, rounds, epochs, batch_size) -> list[di
     keras.utils.set_random_seed(0)
     global_weights = build_cnn().get_weights()
     models = [build_cnn() for _ in members]
+    if "lr" in local:
+        for m in models:
+            m.optimizer.learning_rate.assign(local["lr"])
+    epochs = int(local.get("epochs", epochs))
+    batch_size = int(local.get("batch", batch_size))
     strategy = strategies.create(name, params)
     state = None
     history = []
@@ -57,7 +65,10 @@ def simulate(name, params, members, test, rounds, epochs, batch_size) -> list[di
         models[0].set_weights(global_weights)
         accuracy = float(models[0].evaluate(test.x, test.y, batch_size=256, verbose=0)[1])
         history.append({"round": r, "accuracy": accuracy, "seconds": time.perf_counter() - started})
-        say(f"{name} {params} epochs {epochs}: round {r} accuracy {accuracy:.4f}")
+        say(
+            f"{name} {params} {local}: round {r} accuracy {accuracy:.4f}, "
+            f"{history[-1]['seconds']:.0f} s"
+        )
         if accuracy >= TARGET:
             break
     return history
@@ -83,9 +94,9 @@ def main() -> None:
     test = load_split(mnist_files()[1].parent, "test", cache_dir=args.cache_dir)
     results = {}
     for text in args.candidates.split(";"):
-        name, params = parse_candidate(text)
+        name, params, local = parse_candidate(text)
         results[text] = simulate(
-            name, params, members, test, args.rounds, args.epochs, args.batch_size
+            name, params, local, members, test, args.rounds, args.epochs, args.batch_size
         )
     for text, history in results.items():
         reached = next((h["round"] for h in history if h["accuracy"] >= TARGET), None)
