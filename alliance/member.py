@@ -69,7 +69,9 @@ class AgentConfig:
     fast_seconds: float = 5.0
     waiting_poll_seconds: float = 0.3
     idle_poll_seconds: float = 2.0
-    heartbeat_seconds: float = 5.0
+    #: Liveness for the coordinator (lost after 60 s by default): a beat costs the store a
+    #: write, about 7 ms of the embedded gateway's CPU.
+    heartbeat_seconds: float = 10.0
     cache_dir: Path | None = None
     validator: bool = False  # only test.csv: scores each round's model, never trains
     metrics_port: int = 0  # serve Prometheus metrics on this port; 0: not served

@@ -596,10 +596,11 @@ class CpuSampler:
     """Samples the CPU seconds of some processes (and this one: the coordinator) every
     ``interval``; ``used(name, t0, t1)`` interpolates between samples (wall-clock times)."""
 
-    def __init__(self, pids: dict[str, int], interval: float = 0.2):
+    def __init__(self, pids: dict[str, int], interval: float = 0.5):
         self.pids = {**pids, "coordinator": os.getpid()}
         self.interval = interval
         self.samples: list[tuple[float, dict[str, float]]] = []
+        self._own = 0.0  # this sampler's CPU, not the coordinator's
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="cpu-sampler")
 
@@ -616,10 +617,14 @@ class CpuSampler:
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             self._sample()
+            self._own = time.thread_time()
 
     def _sample(self) -> None:
         now = time.time()
-        self.samples.append((now, {n: _cpu_seconds(p) for n, p in self.pids.items()}))
+        values = {n: _cpu_seconds(p) for n, p in self.pids.items()}
+        if values["coordinator"] is not None:
+            values["coordinator"] -= self._own
+        self.samples.append((now, values))
 
     def used(self, name: str, t0: float, t1: float) -> float:
         return max(0.0, self._at(name, t1) - self._at(name, t0))

@@ -51,14 +51,16 @@ def _one_run(work: Path, server: S3Server, interval: float, result: Result) -> N
     cluster = e2e_cluster.EmulatedCluster(_mkdir(work / f"cluster-{interval}"), server.config)
     try:
         ns = cluster.create_namespace()
-        cluster.create_store_secret(ns, "store")
+        cluster.create_store_secret(ns, "store", alliances="bench")
         for i, name in enumerate(MEMBERS):
             d = work / f"data-{interval}" / name
             train = write_rows(d / "train.csv", ROWS, skip=ROWS * i)
             test = write_rows(
                 d / "test.csv", TEST_ROWS, SAMPLE_DIR / "test.csv.gz", skip=TEST_ROWS * i
             )
-            cluster.provide_data(ns, f"{name}-data", {"train.csv": train, "test.csv": test})
+            cluster.provide_data(
+                ns, f"{name}-data", {"train.csv": train, "test.csv": test}, member=name
+            )
         cluster.start_operator(ns)
         cluster.apply(ns, *_manifests(cluster, ns))
 
