@@ -326,7 +326,10 @@ def _member_metrics(store, status) -> dict[int, dict]:
             if when and meta.get("taskSeconds") is not None:
                 updates[m]["pickupSeconds"] = when - meta["taskSeconds"] - r.started_at
         validations = {}
-        for m in status.validators:
+        # The round's own validators (status.validators names the current round's only).
+        for m in sorted(
+            k[len("validations/") : -len(".json")] for k in stored if k.startswith("validations/")
+        ):
             v = store.get_json(f"{prefix}validations/{m}.json") or {}
             validations[m] = {
                 k: v.get(k)
