@@ -107,19 +107,24 @@ def drive(
     changes = store.watch(run_key(run, "rounds/"))
     try:
         while True:
+            stepped = time.monotonic()
             new = coordinator.reconcile(status)
             if new.phase in FINISHED and status.phase not in FINISHED:
                 store_report(store, run, new)  # before the status says so: then it is there
             sink.save(status, new)
             status = new
-            if status.phase in FINISHED or _wait(changes, status, stopped, poll_seconds):
+            if status.phase in FINISHED or _wait(changes, status, stopped, poll_seconds, stepped):
                 return status
     finally:
         changes.close()
 
 
 def _wait(
-    changes: Changes, status: RunStatus, stopped: Callable[[float], bool], poll_seconds: float
+    changes: Changes,
+    status: RunStatus,
+    stopped: Callable[[float], bool],
+    poll_seconds: float,
+    stepped: float,
 ) -> bool:
     """Wait until the next step is due; True: stop. With store notifications, a step follows
     each change under the run's rounds (a member's update, failure or validation) within
@@ -131,7 +136,9 @@ def _wait(
     while not changes.wait(max(poll_seconds, STOP_CHECK_SECONDS)) and time.monotonic() < recheck:
         if stopped(0):
             return True
-    return stopped(0)
+    # At most one step per poll interval: a member rewriting its objects in a loop must not
+    # make the coordinator spin (each step lists the round).
+    return stopped(max(0.0, poll_seconds - (time.monotonic() - stepped)))
 
 
 def store_report(store: Store, run: str, status: RunStatus) -> None:

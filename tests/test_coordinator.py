@@ -355,3 +355,32 @@ def test_drive_waits_on_store_notifications_not_on_polls(alliance, monkeypatch):
             for m in ("a", "b", "c"):
                 validate(store, m, 1, 0.9)
             runner.join(timeout=10)
+
+
+def test_a_member_writing_in_a_loop_does_not_make_the_loop_spin(alliance, monkeypatch):
+    """Each notification wakes the loop, but it steps at most once per poll interval."""
+    store, _ = alliance
+    lists = []
+    real = store.list_round
+    monkeypatch.setattr(store, "list_round", lambda *a, **k: lists.append(1) or real(*a, **k))
+    stop = threading.Event()
+    runner = threading.Thread(
+        target=drive,
+        args=(store, RUN, RunSpec(rounds=1, min_members=3), StoreSink(store, RUN)),
+        kwargs={"stopped": sleeping(stop.is_set)},
+    )
+    runner.start()
+    try:
+        deadline = time.monotonic() + 20
+        while store.get_json(f"tasks/{RUN}.json") is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        before, started = len(lists), time.monotonic()
+        for _ in range(300):  # a hostile member rewriting its failure report
+            store.put_result(RUN, 1, "failures", "x", {"reason": "spam"})
+        elapsed = time.monotonic() - started
+        time.sleep(0.2)
+        steps = len(lists) - before
+        assert steps <= elapsed / 0.05 + 5, (steps, elapsed)
+    finally:
+        stop.set()
+        runner.join(timeout=10)
