@@ -790,13 +790,23 @@ def cmd_member(args) -> int:
             cache_dir=Path(cache) if cache else None,
             validator=args.validator,
             metrics_port=_metrics_port(args.metrics_port),
-            cpu_lease=cpulease.CpuLease(Path(lease), _lease_slots()) if lease else None,
+            cpu_lease=_cpu_lease(lease) if lease else None,
         ),
     )
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
     agent.run()
     return 0
+
+
+def _cpu_lease(directory: str) -> cpulease.CpuLease:
+    try:
+        return cpulease.CpuLease(Path(directory), _lease_slots())
+    except OSError as exc:  # not creatable or not writable: say which setting is wrong
+        raise ValueError(
+            f"{contract.ENV_CPU_LEASE}={directory!r}: not a usable directory "
+            f"({exc.strerror or exc})"
+        ) from exc
 
 
 def _lease_slots() -> int:

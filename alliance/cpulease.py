@@ -78,6 +78,8 @@ class CpuLease:
         self.directory = Path(directory)
         self.slots = slots
         self.directory.mkdir(parents=True, exist_ok=True)
+        for path in self._paths():  # a directory the member cannot write fails here, not mid-task
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
 
     @contextlib.contextmanager
     def hold(self, stop: threading.Event | None = None) -> Iterator[float]:
@@ -90,8 +92,11 @@ class CpuLease:
             if fd is not None:
                 os.close(fd)  # closing the descriptor releases the flock
 
+    def _paths(self) -> list[Path]:
+        return [self.directory / f"cpu-lease.{i}" for i in range(self.slots)]
+
     def _acquire(self, stop: threading.Event | None) -> int | None:
-        paths = [self.directory / f"cpu-lease.{i}" for i in range(self.slots)]
+        paths = self._paths()
         while True:
             for path in paths:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)

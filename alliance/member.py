@@ -62,7 +62,7 @@ class AgentConfig:
     train_command: str | None = None
     validate_command: str | None = None
     #: Polls of the task list: every poll_seconds for fast_seconds after the member's last
-    #: task or a change of tasks (the next stage usually follows within that), then every
+    #: task or a change of its tasks (the next stage usually follows within that), then every
     #: waiting_poll_seconds while a run counts on it, every idle_poll_seconds when none does.
     #: A poll costs the member and the store about 2 ms of CPU (README "Performance").
     poll_seconds: float = 0.1
@@ -138,8 +138,7 @@ class Agent:
                 )
             active = time.monotonic()
             while not self._stop.is_set():
-                seen = {key: etag for key, (etag, _) in self._tasks.items()}
-                if self.poll_once() or seen != {k: e for k, (e, _) in self._tasks.items()}:
+                if self.poll_near():
                     active = time.monotonic()
                 self._stop.wait(self._poll_interval(time.monotonic() - active))
         finally:
@@ -162,7 +161,7 @@ class Agent:
         return self.config.idle_poll_seconds
 
     def _asked(self) -> bool:
-        return any(self.name in task["members"] for _, task in self._tasks.values())
+        return any(self._for_me(task) for _, task in self._tasks.values())
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.config.heartbeat_seconds):
@@ -246,6 +245,18 @@ class Agent:
 
     # --- tasks ------------------------------------------------------------------------------
 
+    def poll_near(self) -> bool:
+        """Poll once; True when the next stage is likely near: this member just worked, or
+        a task addressed to it changed. A change of other members' tasks does not count."""
+        before = self._my_tasks()
+        return self.poll_once() or self._my_tasks() != before
+
+    def _my_tasks(self) -> dict[str, str]:
+        return {key: etag for key, (etag, task) in self._tasks.items() if self._for_me(task)}
+
+    def _for_me(self, task: dict) -> bool:
+        return self.name in task["members"]
+
     def poll_once(self) -> bool:
         """Look at the runs' tasks once; do every task addressed to this member."""
         did = False
@@ -271,7 +282,7 @@ class Agent:
         pending = []
         for _, task in self._tasks.values():
             ident = (task["run"], task["round"], task["kind"])
-            if self.name in task["members"] and ident not in self._done:
+            if self._for_me(task) and ident not in self._done:
                 if task["deadline"] < now:
                     self._done.add(ident)  # too late to count; do not waste the CPU
                 elif self._already_done(task):

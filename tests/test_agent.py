@@ -263,3 +263,18 @@ def test_polling_slows_down_once_the_next_stage_is_not_near(tmp_path):
     assert agent._poll_interval(cfg.fast_seconds + 1) == cfg.idle_poll_seconds
     agent._tasks["tasks/r.json"] = ("etag", {"members": ["m"]})
     assert agent._poll_interval(cfg.fast_seconds + 1) == cfg.waiting_poll_seconds
+
+
+def test_only_a_change_of_its_own_tasks_makes_an_agent_poll_fast(store, tmp_path):
+    """Another run's task coming and going is no reason for this member to poll at 10 Hz."""
+    agent = Agent(store, AgentConfig(name="m", data_dir=tmp_path))
+    late = {"round": 1, "kind": "train", "modelId": "x", "deadline": time.time() - 1}
+    store.put_task("others", {**late, "run": "others", "members": ["a", "b"]})
+    assert not agent.poll_near()
+    store.put_task("others", {**late, "run": "others", "round": 2, "members": ["a"]})
+    assert not agent.poll_near()
+    store.put_task("mine", {**late, "run": "mine", "members": ["a", "m"]})
+    assert agent.poll_near()  # past its deadline, so not done, but the run counts on it
+    assert not agent.poll_near()
+    store.delete_task("mine")
+    assert agent.poll_near()

@@ -82,6 +82,24 @@ def test_an_unknown_cpu_sharing_is_a_clear_error(tmp_path):
     )
 
 
+def test_an_unusable_cpu_lease_directory_names_the_setting(tmp_path):
+    (tmp_path / "file").write_text("")
+    env = {
+        **os.environ,
+        "ALLIANCE_S3_ENDPOINT": "http://127.0.0.1:9",
+        "ALLIANCE_S3_ACCESS_KEY": "a",
+        "ALLIANCE_S3_SECRET_KEY": "b",
+        "ALLIANCE_BUCKET": "alliance",
+        "ALLIANCE_CPU_LEASE": str(tmp_path / "file" / "lease"),
+    }
+    result = run_cli("member", "--name", "m", "--data-dir", tmp_path, env=env, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"error: ALLIANCE_CPU_LEASE='{tmp_path / 'file' / 'lease'}': not a usable directory "
+        "(Not a directory)"
+    )
+
+
 @pytest.mark.slow
 def test_members_taking_turns_train_one_at_a_time(tmp_path, small_dataset):
     work = tmp_path / "work"
