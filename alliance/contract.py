@@ -48,6 +48,18 @@ ENV_DATA_SCHEMA = "ALLIANCE_DATA_SCHEMA"
 ENV_METRICS_PORT = "ALLIANCE_METRICS_PORT"
 
 
+# --- the store's buckets ------------------------------------------------------------------
+
+
+def notice_bucket(bucket: str) -> str | None:
+    """The bucket beside ``bucket`` where the coordinator marks each change of a run's task
+    (an empty ``tasks/<run>`` object), so that members can wait on its notifications instead
+    of polling: only the coordinator writes there, so its events show a member nothing of the
+    others. None when the name would pass S3's 63 characters: members then poll."""
+    name = f"{bucket}-notices"
+    return name if len(name) <= 63 else None
+
+
 # --- a member's store identity ----------------------------------------------------------
 # The keys of the Secret that holds one member's own store credentials (the operator writes it
 # per Member; a member organisation's chart writes it from the join bundle).

@@ -5,7 +5,9 @@ objects.
 A member may read: ``alliance.json``, ``model-files/*``, ``models/*``, ``tasks/*`` and
 ``runs/*/spec.json`` (and list ``tasks/`` and ``runs/``). It may write (and read back) only
 ``members/<it>.json``, ``runs/*/rounds/*/updates/<it>.npz``, ``…/validations/<it>.json`` and
-``…/failures/<it>.json``. The policy names the member literally: on the JuiceFS gateway
+``…/failures/<it>.json``. It may listen to the notifications of the notice bucket
+(``contract.notice_bucket``), where only the coordinator writes. The policy names the member
+literally: on the JuiceFS gateway
 ``${aws:username}`` would resolve to a service account's own name, which a member can choose.
 
 Created through MinIO's admin API (``minio.MinioAdmin``), which both the embedded runner's
@@ -88,8 +90,21 @@ def member_policy(bucket: str, member: str) -> dict:
                 "Action": ["s3:PutObject", "s3:GetObject", "s3:DeleteObject"],
                 "Resource": own,
             },
+            *_notices(bucket),
         ],
     }
+
+
+def _notices(bucket: str) -> list[dict]:
+    """Listening to the notice bucket, where only the coordinator writes: a member waits for
+    tasks there instead of polling (not to the alliance's bucket, whose events would show it
+    the other members' objects: MinIO cannot limit a listener to a prefix)."""
+    notices = contract.notice_bucket(bucket)
+    if notices is None:
+        return []
+    arn = f"arn:aws:s3:::{notices}"
+    actions = ["s3:GetBucketLocation", "s3:ListenBucketNotification"]
+    return [{"Effect": "Allow", "Action": actions, "Resource": [arn]}]
 
 
 def bundle_yaml(alliance: str, member: str, keys: StoreConfig, endpoint: str) -> str:

@@ -1,6 +1,6 @@
 """The member agent: a long-running loop next to a member's data.
 
-    validate the local data → heartbeat → poll the run tasks → train / validate → upload
+    validate the local data → heartbeat → wait for a task → train / validate → upload
 
 It needs no rights but the store's: the same agent runs in a Kubernetes pod bound to the
 member's PVC, as a local process of the embedded runner, or at another site. TensorFlow stays
@@ -9,6 +9,9 @@ imported, the model compiled and the data parsed between rounds; only the weight
 The heartbeat (``members/<name>.json``) holds the member's state and data summary, or the exact
 data validation error. Its content changes only when the state does, so the coordinator, which
 reads liveness from the object's modification time, re-reads it only then.
+
+It waits for tasks on the notifications of the notice bucket (``contract.notice_bucket``),
+which only the coordinator writes to, and polls the task list when the store sends none.
 
 With ``metrics_port`` set the agent serves Prometheus metrics (``alliance.metrics``): tasks by
 kind and outcome, their seconds, and the last training throughput.
@@ -31,13 +34,15 @@ from alliance.data.datadir import validate_data_dir
 from alliance.data.errors import DataError
 from alliance.data.schema import DataSchema
 from alliance.model import ModelError
-from alliance.store import Store, StoreError, result_key
+from alliance.store import Changes, Store, StoreError, result_key
 from alliance.trainers import CommandTrainer, KerasTrainer, TaskError, Trainer
 
 log = logging.getLogger(__name__)
 
 
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+#: How often a waiting agent checks whether it was asked to stop.
+STOP_CHECK_SECONDS = 0.25
 
 
 def cpu_threads(cpu_max: Path = CGROUP_CPU_MAX) -> int:
@@ -61,7 +66,9 @@ class AgentConfig:
     schema: DataSchema | None = None
     train_command: str | None = None
     validate_command: str | None = None
-    #: Polls of the task list: every poll_seconds for fast_seconds after the member's last
+    #: With the notice bucket's notifications the agent looks at the tasks when the
+    #: coordinator changes one, and every recheck_seconds anyway. Without them, it polls the
+    #: task list: every poll_seconds for fast_seconds after the member's last
     #: task or a change of its tasks (the next stage usually follows within that), then every
     #: waiting_poll_seconds while a run counts on it, every idle_poll_seconds when none does.
     #: A poll costs the member and the store about 2 ms of CPU (README "Performance").
@@ -69,6 +76,7 @@ class AgentConfig:
     fast_seconds: float = 5.0
     waiting_poll_seconds: float = 0.3
     idle_poll_seconds: float = 2.0
+    recheck_seconds: float = 10.0
     #: Liveness for the coordinator (lost after 60 s by default): a beat costs the store a
     #: write, about 7 ms of the embedded gateway's CPU.
     heartbeat_seconds: float = 10.0
@@ -101,6 +109,7 @@ class Agent:
 
     def run(self) -> None:
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        changes = None
         metrics_mod.agent_started(self.name)
         server = metrics_mod.serve(self.config.metrics_port) if self.config.metrics_port else None
         try:
@@ -136,13 +145,16 @@ class Agent:
                     summary["trainRows"],
                     summary["testRows"],
                 )
+            changes = self.store.watch_tasks()
             active = time.monotonic()
             while not self._stop.is_set():
                 if self.poll_near():
                     active = time.monotonic()
-                self._stop.wait(self._poll_interval(time.monotonic() - active))
+                self._wait_for_tasks(changes, time.monotonic() - active)
         finally:
             self._stop.set()
+            if changes is not None:
+                changes.close()
             if server is not None:
                 server.stop()
             beat.join(timeout=2.0)
@@ -152,6 +164,19 @@ class Agent:
                 )
             except StoreError as exc:
                 log.warning("could not publish the stopped state: %s", exc)
+
+    def _wait_for_tasks(self, changes: Changes | None, quiet_seconds: float) -> None:
+        """Until the coordinator's next task change (the notice bucket's notifications), or
+        ``recheck_seconds``; while there is no stream (connecting, refused, or down), one poll
+        interval, cut short when the stream comes up."""
+        if changes is None:
+            self._stop.wait(self._poll_interval(quiet_seconds))
+            return
+        wait = self.config.recheck_seconds if changes.live else self._poll_interval(quiet_seconds)
+        until = time.monotonic() + wait
+        while not self._stop.is_set() and (left := until - time.monotonic()) > 0:
+            if changes.wait(min(left, STOP_CHECK_SECONDS)):
+                return
 
     def _poll_interval(self, quiet_seconds: float) -> float:
         if quiet_seconds < self.config.fast_seconds:

@@ -11,6 +11,10 @@ the layout::
     members/<member>.json                          a member's heartbeat: state, data summary/error
     tasks/<run>.json                               the run's current task: round, kind of work
                                                    (train or validate), model id, the members asked
+
+and, in the notice bucket ``<bucket>-notices`` (``contract.notice_bucket``), written by the
+coordinator alone, an empty ``tasks/<run>`` each time that task changes, for members to wait on
+its notifications.
     runs/<run>/spec.json                           the run's spec (embedded runner)
     runs/<run>/status.json                         the coordinator's persisted status (embedded)
     runs/<run>/rounds/<round>/updates/<member>.npz   a member's weights after local training, its
@@ -235,15 +239,26 @@ class Store:
         return Changes(self._client, self.bucket, prefix)
 
     def ensure_bucket(self) -> None:
+        """Create the alliance's bucket, and its notice bucket (contract.notice_bucket) when
+        the keys may: without one, members poll for tasks."""
+        self._ensure(self.bucket)
+        notices = contract.notice_bucket(self.bucket)
+        if notices is not None:
+            try:
+                self._ensure(notices)
+            except StoreError as exc:
+                log.warning("no notice bucket %s (%s): members will poll for tasks", notices, exc)
+
+    def _ensure(self, bucket: str) -> None:
         def make() -> None:
             try:
-                self._client.make_bucket(self.bucket)
+                self._client.make_bucket(bucket)
             except S3Error as exc:  # created meanwhile by another process: fine
                 if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                     raise
 
-        if not self._call("check bucket", lambda: self._client.bucket_exists(self.bucket)):
-            self._call("create bucket", make)
+        if not self._call(f"check bucket {bucket}", lambda: self._client.bucket_exists(bucket)):
+            self._call(f"create bucket {bucket}", make)
 
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream"):
         self._call(
@@ -394,12 +409,36 @@ class Store:
 
     def put_task(self, run: str, task: dict) -> None:
         self.put_json(f"tasks/{run}.json", task)
+        self._notice(run, remove=False)
 
     def delete_task(self, run: str) -> None:
         self.delete([f"tasks/{run}.json"])
+        self._notice(run, remove=True)
 
     def list_tasks(self) -> list[ObjectInfo]:
         return self.list("tasks/")
+
+    def watch_tasks(self) -> Changes | None:
+        """Notifications of the coordinator's task changes (the notice bucket), for members;
+        None when the alliance's bucket name leaves no room for one."""
+        notices = contract.notice_bucket(self.bucket)
+        return None if notices is None else Changes(self._client, notices, "tasks/")
+
+    def _notice(self, run: str, remove: bool) -> None:
+        """Mark a change of ``run``'s task in the notice bucket: best effort, for members'
+        wake-ups only (they read the task itself from the alliance's bucket, and poll when
+        the notice bucket is missing or theirs to listen to)."""
+        notices = contract.notice_bucket(self.bucket)
+        if notices is None:
+            return
+        key = f"tasks/{run}"
+        try:
+            if remove:
+                self._client.remove_object(notices, key)
+            else:
+                self._client.put_object(notices, key, io.BytesIO(b""), 0)
+        except (S3Error, ValueError, urllib3.exceptions.HTTPError, OSError) as exc:
+            log.debug("no task notice in %s (%s): members poll", notices, exc)
 
     # --- round results ----------------------------------------------------------------------
 
@@ -527,8 +566,8 @@ class Changes:
     reconnects after an error. ``wait(timeout)`` returns True as soon as something changed
     since the last call. ``live`` is False while there is no stream (a store without
     notifications, or one that is down): the waiter then polls, as it would without this.
-    Only the coordinator listens: a member could not be kept to the keys it may read, since
-    the store's policies cannot limit a listener to a prefix.
+    The coordinator listens to the alliance's bucket; members only to the notice bucket
+    (``Store.watch_tasks``), since the store's policies cannot limit a listener to a prefix.
     """
 
     EVENTS = ("s3:ObjectCreated:*", "s3:ObjectRemoved:*")
@@ -569,16 +608,15 @@ class Changes:
                 stream.close()  # ends the blocked read in the listening thread
 
     def _listen(self) -> None:
-        delay = 1.0
+        self._delay = 1.0
         while not self._closed.is_set():
             try:
-                self._stream = self._client.listen_bucket_notification(
+                stream = self._client.listen_bucket_notification(
                     self._bucket, prefix=self._prefix, events=self.EVENTS
                 )
-                self.live = True
-                delay = 1.0
-                self._notify()  # whatever happened while there was no stream
-                for _event in self._stream:
+                stream._func = self._subscribing(stream._func)
+                self._stream = stream
+                for _event in stream:
                     self.events += 1
                     self._notify()
                     if self._closed.is_set():
@@ -587,14 +625,27 @@ class Changes:
                 if exc.code in ("NotImplemented", "AccessDenied"):  # this store will not tell
                     log.info("the store sends no notifications (%s): polling", exc.code)
                     self.live = False
+                    self._notify()  # the waiter polls from now on
                     return
             except Exception as exc:  # the stream broke: reconnect
                 if not self._closed.is_set():
                     log.info("store notifications interrupted (%s): polling until back", exc)
             self.live = False
             self._notify()  # wake the waiter: it polls until the stream is back
-            self._closed.wait(delay)
-            delay = min(delay * 2, 30.0)
+            self._closed.wait(self._delay)
+            self._delay = min(self._delay * 2, 30.0)
+
+    def _subscribing(self, subscribe: Callable[[], Any]) -> Callable[[], Any]:
+        """minio's stream makes its request on the first read: live once the store answered."""
+
+        def subscribed() -> Any:
+            response = subscribe()
+            self.live = True
+            self._delay = 1.0
+            self._notify()  # whatever changed before the store took the subscription
+            return response
+
+        return subscribed
 
 
 def _read(resp, key: str, max_bytes: int | None) -> bytes:

@@ -59,11 +59,10 @@ def start_agent(store, tmp_path, name, rows=8, train=TRAIN, validate=VALIDATE, *
         data_dir=data,
         schema=DataSchema(),
         cache_dir=tmp_path / "cache",
-        poll_seconds=0.05,
         train_command=f"{sys.executable} {scripts[0]} {{model_in}} {{data_dir}} {{model_out}} "
         "{metrics_out} {epochs}",
         validate_command=f"{sys.executable} {scripts[1]} {{model_in}} {{metrics_out}}",
-        **config,
+        **{"poll_seconds": 0.05, **config},
     )
     agent = Agent(store, agent_config)
     thread = threading.Thread(target=agent.run, daemon=True)
@@ -278,3 +277,23 @@ def test_only_a_change_of_its_own_tasks_makes_an_agent_poll_fast(store, tmp_path
     assert not agent.poll_near()
     store.delete_task("mine")
     assert agent.poll_near()
+
+
+def test_an_agent_waits_for_tasks_on_notifications_not_polls(alliance, tmp_path):
+    """With the notice bucket the agent needs no polls: polling every 30 s, it still trains
+    and validates a round within seconds, and stops at once."""
+    store, _ = alliance
+    slow = {"poll_seconds": 30.0, "waiting_poll_seconds": 30.0, "idle_poll_seconds": 30.0}
+    agent, thread = start_agent(store, tmp_path, "a", **slow, recheck_seconds=30.0)
+    try:
+        wait_ready(store, ["a"])
+        time.sleep(0.5)  # past its first look at the (empty) task list
+        started = time.monotonic()
+        status = drive(store, RunSpec(rounds=1, min_members=1), timeout=15)
+        assert status.phase == Phase.COMPLETED, status.message
+        assert time.monotonic() - started < 10
+    finally:
+        agent.stop()
+        stopping = time.monotonic()
+        thread.join(10)
+    assert time.monotonic() - stopping < 2

@@ -52,6 +52,12 @@ MEMBER_OPTIONS = {
 }
 
 
+def test_the_notice_bucket_is_named_after_the_alliances_within_s3s_limit():
+    assert contract.notice_bucket("alliance") == "alliance-notices"
+    assert contract.notice_bucket("b" * 55) == "b" * 55 + "-notices"  # 63 characters
+    assert contract.notice_bucket("b" * 56) is None  # members of such a bucket poll
+
+
 @pytest.mark.parametrize("options", MEMBER_OPTIONS.values(), ids=MEMBER_OPTIONS)
 def test_alliance_member_parses_what_member_args_builds(options):
     args = parse(contract.member_args("hospital-a", Path("/data"), **options))

@@ -3,11 +3,15 @@ keys write its own objects and nothing of anyone else's."""
 
 from __future__ import annotations
 
+import io
+import time
+
 import numpy as np
 import pytest
 import trustme
 from minio import MinioAdmin
 from minio.credentials import StaticProvider
+from minio.error import S3Error
 
 from alliance import contract, identities, weights
 from alliance.s3server import TLS, S3Server
@@ -68,6 +72,34 @@ def test_a_member_cannot_touch_another_members_or_the_runs_objects(members, stor
     assert weights.loads(data)[0].tolist() == [1, 1, 1] and meta["numExamples"] == 5
     assert store.get_json("tasks/r.json")["kind"] == "train"
     assert store.get_run_spec("r") == {"rounds": 1}
+
+
+def test_a_member_hears_of_task_changes_from_the_notice_bucket_and_nothing_else(members, store):
+    """Members wait on the notice bucket's notifications, which only the coordinator writes:
+    the alliance's bucket would show them the other members' objects, so they may not listen
+    there, nor write notices that would wake the others."""
+    stores, _ = members
+    a = stores["member-a"]
+    notices = contract.notice_bucket(store.bucket)
+    changes = a.watch_tasks()
+    others = a.watch("runs/")
+    try:
+        deadline = time.monotonic() + 10
+        while not changes.live:
+            assert time.monotonic() < deadline, "the notice bucket's stream never came up"
+            time.sleep(0.05)
+        changes.wait(0)  # the wake-up every new stream gives
+        store.put_task("r", {"run": "r", "round": 2, "kind": "train", "members": ["member-a"]})
+        assert changes.wait(5)
+        store.delete_task("r")
+        assert changes.wait(5)
+        others._thread.join(10)  # refused: the listener gives up and its owner polls
+        assert not others.live and not others._thread.is_alive()
+        with pytest.raises(S3Error, match="AccessDenied"):
+            a._client.put_object(notices, "tasks/r", io.BytesIO(b""), 0)
+    finally:
+        changes.close()
+        others.close()
 
 
 def test_provisioning_again_rotates_the_secret_and_bad_names_are_refused(members, store):
