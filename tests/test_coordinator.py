@@ -334,7 +334,9 @@ def test_drive_waits_on_store_notifications_not_on_polls(alliance, monkeypatch):
         deadline = time.monotonic() + 20
         while store.get_json(f"tasks/{RUN}.json") is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(0.3)
+        # The loop polls until the store has taken its subscription: the gateway answers
+        # with its first keep-alive, after 0.5 s.
+        time.sleep(1.0)
         before = len(lists)
         time.sleep(2.0)  # members "training": at 0.05 s polls this would be 40 listings
         assert len(lists) - before <= 1
