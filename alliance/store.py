@@ -11,10 +11,6 @@ the layout::
     members/<member>.json                          a member's heartbeat: state, data summary/error
     tasks/<run>.json                               the run's current task: round, kind of work
                                                    (train or validate), model id, the members asked
-
-and, in the notice bucket ``<bucket>-notices`` (``contract.notice_bucket``), written by the
-coordinator alone, an empty ``tasks/<run>`` each time that task changes, for members to wait on
-its notifications.
     runs/<run>/spec.json                           the run's spec (embedded runner)
     runs/<run>/status.json                         the coordinator's persisted status (embedded)
     runs/<run>/rounds/<round>/updates/<member>.npz   a member's weights after local training, its
@@ -22,6 +18,10 @@ its notifications.
     runs/<run>/rounds/<round>/failures/<member>.json a member's report that it could not do the task
     runs/<run>/rounds/<round>/validations/<member>.json  a validator's score of the round's model
     runs/<run>/rounds/<round>/aggregate.json       the round's aggregation result (written once)
+
+In the notice bucket ``<bucket>-notices`` (``contract.notice_bucket``) the coordinator alone
+writes an empty ``tasks/<run>`` each time that task changes, for members to wait on its
+notifications instead of polling ``tasks/``.
 
 Rounds are zero-padded (``00003``) so keys sort in round order. Every call retries transport
 errors and 5xx answers with exponential backoff for up to ``retry_seconds``, so a store that is
@@ -583,6 +583,7 @@ class Changes:
         self._seen = 0
         self._closed = threading.Event()
         self._stream: Any = None
+        self._delay = 1.0  # before reconnecting; doubles up to 30 s while the store refuses
         self.live = False
         self.events = 0
         self._thread = threading.Thread(target=self._listen, name="store-watch", daemon=True)
@@ -608,7 +609,6 @@ class Changes:
                 stream.close()  # ends the blocked read in the listening thread
 
     def _listen(self) -> None:
-        self._delay = 1.0
         while not self._closed.is_set():
             try:
                 stream = self._client.listen_bucket_notification(
