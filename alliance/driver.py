@@ -38,8 +38,6 @@ POLL_SECONDS = 0.05
 #: anyway this often: deadlines, heartbeats and lost members are announced by no object (a
 #: look costs the store and the coordinator about 10 ms of CPU: 0.2 % of a core at this pace).
 RECHECK_SECONDS = 5.0
-#: Meanwhile, how often it asks whether to stop (a kopf daemon being stopped, an edit).
-STOP_CHECK_SECONDS = 0.25
 FINISHED = (Phase.COMPLETED, Phase.FAILED)
 
 
@@ -129,13 +127,11 @@ def _wait(
     """Wait until the next step is due; True: stop. With store notifications, a step follows
     each change under the run's rounds (a member's update, failure or validation) within
     milliseconds, or RECHECK_SECONDS without one, and waiting costs no request: ``stopped``
-    is asked every STOP_CHECK_SECONDS without waiting. Without them, one poll interval."""
+    is asked every Changes.STOP_CHECK_SECONDS without waiting. Without them, one poll
+    interval."""
     if not changes.live or status.round == 0:
         return stopped(poll_seconds)
-    recheck = time.monotonic() + RECHECK_SECONDS
-    while not changes.wait(max(poll_seconds, STOP_CHECK_SECONDS)) and time.monotonic() < recheck:
-        if stopped(0):
-            return True
+    changes.wait_for(RECHECK_SECONDS, lambda: stopped(0))
     # At most one step per poll interval: a member rewriting its objects in a loop must not
     # make the coordinator spin (each step lists the round).
     return stopped(max(0.0, poll_seconds - (time.monotonic() - stepped)))

@@ -41,8 +41,6 @@ log = logging.getLogger(__name__)
 
 
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
-#: How often a waiting agent checks whether it was asked to stop.
-STOP_CHECK_SECONDS = 0.25
 
 
 def cpu_threads(cpu_max: Path = CGROUP_CPU_MAX) -> int:
@@ -173,10 +171,7 @@ class Agent:
             self._stop.wait(self._poll_interval(quiet_seconds))
             return
         wait = self.config.recheck_seconds if changes.live else self._poll_interval(quiet_seconds)
-        until = time.monotonic() + wait
-        while not self._stop.is_set() and (left := until - time.monotonic()) > 0:
-            if changes.wait(min(left, STOP_CHECK_SECONDS)):
-                return
+        changes.wait_for(wait, self._stop.is_set)
 
     def _poll_interval(self, quiet_seconds: float) -> float:
         if quiet_seconds < self.config.fast_seconds:

@@ -571,6 +571,8 @@ class Changes:
     """
 
     EVENTS = ("s3:ObjectCreated:*", "s3:ObjectRemoved:*")
+    #: How often ``wait_for`` asks whether its owner is stopping.
+    STOP_CHECK_SECONDS = 0.25
 
     def __init__(self, client: Minio, bucket: str, prefix: str):
         import threading
@@ -595,6 +597,15 @@ class Changes:
                 self._changed.wait(timeout)
             changed, self._seen = self._count != self._seen, self._count
         return changed
+
+    def wait_for(self, seconds: float, stopped: Callable[[], bool]) -> bool:
+        """Like ``wait(seconds)``, but asking ``stopped()`` every STOP_CHECK_SECONDS (a
+        waiter's owner may want it back meanwhile); False on a timeout or a stop."""
+        until = time.monotonic() + seconds
+        while (left := until - time.monotonic()) > 0 and not stopped():
+            if self.wait(min(left, self.STOP_CHECK_SECONDS)):
+                return True
+        return False
 
     def _notify(self) -> None:
         with self._changed:
